@@ -1,0 +1,185 @@
+"""The ``kdbench`` command (DESIGN.md §6)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from tabulate import tabulate
+
+from kdbench.errors import KdbenchError
+
+EXAMPLES = {
+    "list": "examples:\n  kdbench list methods\n  kdbench list models",
+    "run": (
+        "examples:\n  kdbench run --suite cpu\n"
+        "  kdbench run --suite cpu --track mnist1d --method vanilla_kd --seeds 0 --results-dir /tmp/r"
+    ),
+    "leaderboard": "examples:\n  kdbench leaderboard\n  kdbench leaderboard --check",
+    "ui": "examples:\n  kdbench ui --port 5000",
+}
+
+
+def _split_list(values: list[str] | None) -> list[str] | None:
+    return [v for value in values for v in value.split(",") if v] if values else None
+
+
+def cmd_list(args) -> int:
+    from kdbench.method import METHODS
+    from kdbench.models import MODELS, count_params, create_model
+    from kdbench.suite import load_suite, suite_files
+    from kdbench.tracks import TRACKS
+
+    if args.what == "methods":
+        rows = [(n, METHODS.get(n).version, (METHODS.get(n).__doc__ or "").strip().splitlines()[0]) for n in METHODS]
+        headers = ["method", "version", "summary"]
+    elif args.what == "models":
+        rows = []
+        for name in MODELS:
+            entry = MODELS.get(name)
+            shape = "×".join(map(str, entry.in_shape))
+            rows.append((name, f"{count_params(create_model(name)):,}", f"{entry.num_classes} classes, input {shape}"))
+        headers = ["model", "params", "counted for"]
+    elif args.what == "tracks":
+        rows = [(n, TRACKS.get(n).tier, TRACKS.get(n).summary) for n in TRACKS]
+        headers = ["track", "tier", "data"]
+    elif args.what == "suites":
+        suites = [load_suite(n) for n in suite_files()]
+        rows = [(s.name, s.tier, ", ".join(s.tracks), len(s.seeds), s.description) for s in suites]
+        headers = ["suite", "tier", "tracks", "seeds", "description"]
+    else:  # pairs
+        rows = [
+            (f"{p.teacher}:{p.student}", track, s.name)
+            for s in (load_suite(n) for n in suite_files())
+            for track, spec in s.tracks.items()
+            for p in spec.pairs
+        ]
+        headers = ["pair (teacher:student)", "track", "suite"]
+    print(tabulate(rows, headers=headers, tablefmt="simple"))
+    return 0
+
+
+def cmd_run(args) -> int:
+    from kdbench.records import load_record, record_path
+    from kdbench.runner import run_one
+    from kdbench.suite import expand, load_suite, parse_seeds
+
+    suite = load_suite(args.suite)
+    seeds = parse_seeds(args.seeds) if args.seeds else None
+    specs = expand(suite, _split_list(args.method), _split_list(args.track), _split_list(args.pair), seeds)
+    if args.data_root and not Path(args.data_root).is_dir():
+        raise KdbenchError(f"--data-root {args.data_root} is not a folder")
+    results_dir = Path(args.results_dir)
+    log = (lambda msg: print(msg, file=sys.stderr, flush=True))
+    started, summary = time.perf_counter(), []
+    for i, spec in enumerate(specs, 1):
+        path = record_path(results_dir, spec)
+        elapsed = time.perf_counter() - started
+        eta = f", ETA {elapsed / (i - 1) * (len(specs) - i + 1):.0f}s" if i > 1 else ""
+        if not args.force and _is_finished(path, spec, load_record):
+            log(f"[{i}/{len(specs)}] {spec.label()}: finished record exists, skipped (--force redoes it)")
+            summary.append((spec.label(), "skipped", ""))
+            continue
+        log(f"[{i}/{len(specs)}] {spec.label()}{eta}")
+        record = run_one(spec, results_dir, Path(args.data_root) if args.data_root else None, log if args.verbose else None)
+        top1 = record["metrics"]["test_top1"] if record["metrics"] else None
+        log(f"    {record['status']}: test top-1 {top1:.2f}%" if top1 is not None else f"    {record['status']}: {record['error']}")
+        summary.append((spec.label(), record["status"], f"{top1:.2f}" if top1 is not None else record["error"]))
+    print(tabulate(summary, headers=["run", "status", "test top-1 %"], tablefmt="simple"))
+    print(f"{len(specs)} runs in {time.perf_counter() - started:.1f}s; records under {results_dir}")
+    return 0
+
+
+def _is_finished(path: Path, spec, load_record) -> bool:
+    if not path.exists():
+        return False
+    try:
+        record = load_record(path)
+    except KdbenchError:
+        return False
+    return record.status == "finished" and record.method_version == spec.method_version and record.config == _config_of(spec, record)
+
+
+def _config_of(spec, record) -> dict:
+    return spec.config(record.config.get("data", {}))
+
+
+def cmd_leaderboard(args) -> int:
+    from kdbench.leaderboard import write_or_check
+
+    ok = write_or_check(Path(args.results_dir), Path(args.output), args.check)
+    if args.check:
+        print(f"{args.output} is up to date" if ok else f"{args.output} differs from what {args.results_dir} gives; run `kdbench leaderboard`")
+    else:
+        print(f"wrote {args.output}")
+    return 0 if ok else 1
+
+
+def cmd_ui(args) -> int:
+    from kdbench.tracking import tracking_uri
+    from kdbench.train import kdbench_home
+
+    uri = tracking_uri()
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--port", str(args.port)]
+    if "MLFLOW_TRACKING_URI" not in os.environ:
+        cmd += ["--default-artifact-root", (kdbench_home() / "mlartifacts").as_uri()]
+    print(f"MLflow UI on http://127.0.0.1:{args.port} for {uri}", file=sys.stderr)
+    os.execv(sys.executable, cmd)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kdbench", description="A reproducible benchmark for knowledge distillation.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name, help_):
+        return sub.add_parser(name, help=help_, description=help_, epilog=EXAMPLES[name],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    p = add("list", "list registered methods, models, tracks, suites or pairs")
+    p.add_argument("what", choices=["methods", "models", "tracks", "suites", "pairs"])
+    p.set_defaults(func=cmd_list)
+
+    p = add("run", "run a suite (or part of it), writing one record per run")
+    p.add_argument("--suite", default="cpu", help="suite name (benchmarks/<name>.yaml) or a YAML path (default: cpu)")
+    p.add_argument("--method", action="append", help="only these methods (repeat or comma-separate)")
+    p.add_argument("--track", action="append", help="only these tracks")
+    p.add_argument("--pair", action="append", help="only these pairs, as teacher:student")
+    p.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2 (default: the suite's)")
+    p.add_argument("--results-dir", default="results", help="where records go (default: results)")
+    p.add_argument("--data-root", help="folder with the datasets of full-tier tracks")
+    p.add_argument("--force", action="store_true", help="redo runs that already have a finished record")
+    p.add_argument("-v", "--verbose", action="store_true", help="print every epoch")
+    p.set_defaults(func=cmd_run)
+
+    p = add("leaderboard", "regenerate leaderboard.md from the records")
+    p.add_argument("--results-dir", default="results")
+    p.add_argument("--output", default="leaderboard.md")
+    p.add_argument("--check", action="store_true", help="write nothing; exit 1 if the file is out of date")
+    p.set_defaults(func=cmd_leaderboard)
+
+    p = add("ui", "open the MLflow UI on the local tracking store")
+    p.add_argument("--port", type=int, default=5000)
+    p.set_defaults(func=cmd_ui)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KdbenchError as exc:
+        if args.debug:
+            raise
+        print(f"kdbench: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kdbench: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

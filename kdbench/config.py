@@ -1,0 +1,82 @@
+"""Validated configuration: the training schedule, the measurement settings, and one run's spec."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import pydantic
+from pydantic import Field
+
+STRICT = pydantic.ConfigDict(extra="forbid", frozen=True)
+
+
+class TrainConfig(pydantic.BaseModel):
+    """One training schedule (student or teacher)."""
+
+    model_config = STRICT
+    epochs: int = Field(gt=0)
+    batch_size: int = Field(gt=0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    schedule: Literal["onecycle", "cosine", "multistep", "constant"] = "onecycle"
+    milestones: tuple[int, ...] = ()
+    gamma: float = Field(default=0.1, gt=0, le=1)
+
+
+class MeasureConfig(pydantic.BaseModel):
+    """How size and speed are measured (DESIGN.md §7)."""
+
+    model_config = STRICT
+    threads: int = Field(default=2, gt=0)
+    throughput_batch: int = Field(default=256, gt=0)
+    min_run_time: float = Field(default=0.5, gt=0)
+
+
+def sha256_of(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One cell of the grid: track × pair × method × seed, fully resolved."""
+
+    suite: str
+    track: str
+    teacher: str
+    student: str
+    method: str
+    method_version: int
+    method_config: dict
+    seed: int
+    train: TrainConfig
+    teacher_train: TrainConfig
+    teacher_seed: int
+    measure: MeasureConfig
+
+    @property
+    def pair(self) -> str:
+        return f"{self.teacher}:{self.student}"
+
+    def config(self, data_description: dict) -> dict:
+        """The resolved config written into the record; identical across seeds, so it hashes a leaderboard row."""
+        return {
+            "track": self.track,
+            "data": data_description,
+            "teacher": self.teacher,
+            "student": self.student,
+            "method": self.method,
+            "method_version": self.method_version,
+            "method_config": self.method_config,
+            "train": self.train.model_dump(mode="json"),
+            "teacher_train": self.teacher_train.model_dump(mode="json"),
+            "teacher_seed": self.teacher_seed,
+            "measure": self.measure.model_dump(mode="json"),
+        }
+
+    def label(self) -> str:
+        return f"{self.track} {self.pair} {self.method} seed {self.seed}"

@@ -1,0 +1,149 @@
+"""The method interface (DESIGN.md §3), its registry, and discovery of the files in ``methods/``.
+
+A method is a small ``nn.Module`` holding only its *own* extra trainable modules (a regressor, a
+discriminator, auxiliary heads). Student and teacher are not its submodules, so ``method.parameters()``
+is exactly the extra set: trained with the student, counted apart, never saved with the student.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pydantic
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdbench.errors import KdbenchError
+from kdbench.registry import Registry
+
+Shapes = dict[str, tuple[int, ...]]
+Taps = dict[str, torch.Tensor]
+
+DEFAULT_METHODS_DIR = Path(__file__).resolve().parents[1] / "methods"
+_MODULE_PREFIX = "kdbench_methods."
+
+
+class MethodConfig(pydantic.BaseModel):
+    """Base of every method's hyperparameters: unknown keys are rejected, values are validated."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+
+
+class Method(nn.Module):
+    """Base class. Subclasses set ``Config`` and implement ``loss``.
+
+    Optional hooks: ``needs_teacher = False`` (no teacher forward at all), an ``adversary`` submodule
+    with ``adversary_loss`` (trained by its own optimizer, alternating with the student step), and
+    ``on_step_end`` for methods with state. A method never calls backward or step, never seeds,
+    never moves devices, never reads files.
+    """
+
+    name: ClassVar[str] = ""
+    version: ClassVar[int] = 1
+    needs_teacher: ClassVar[bool] = True
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+
+    def __init__(self, config: MethodConfig, student_shapes: Shapes, teacher_shapes: Shapes):
+        super().__init__()
+        self.config = config
+
+    @classmethod
+    def taps(cls, config: MethodConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(student taps, teacher taps) this method reads; ``logits`` is always captured."""
+        return ("logits",), ("logits",)
+
+    def loss(self, student: Taps, teacher: Taps | None, target: torch.Tensor, progress: float) -> dict[str, torch.Tensor]:
+        """Named, already weighted loss terms; the trainer sums them. ``progress`` runs from 0 to 1."""
+        raise NotImplementedError
+
+    def adversary_loss(self, student: Taps, teacher: Taps | None, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def adversary_optimizer(self, params) -> torch.optim.Optimizer:
+        """The adversary's own optimizer; the trainer owns and steps it."""
+        raise NotImplementedError(f"{self.name} has an adversary but defines no adversary_optimizer")
+
+    def on_step_end(self, progress: float) -> None:
+        """Called after every student step (EMA updates, memory banks)."""
+
+    def student_side_parameters(self) -> list[nn.Parameter]:
+        """Extra parameters trained with the student: all of them but the adversary's."""
+        adversary = getattr(self, "adversary", None)
+        excluded = {id(p) for p in adversary.parameters()} if adversary is not None else set()
+        return [p for p in self.parameters() if id(p) not in excluded]
+
+
+class SupervisedOnly(Method):
+    """Cross-entropy on the hard labels, no teacher: L = CE(z_s, y). Also how teachers are trained."""
+
+    needs_teacher = False
+
+    @classmethod
+    def taps(cls, config):
+        return ("logits",), ()
+
+    def loss(self, student, teacher, target, progress):
+        return {"ce": F.cross_entropy(student["logits"], target)}
+
+
+def _discover_methods() -> None:
+    dirs = [DEFAULT_METHODS_DIR]
+    dirs += [Path(p) for p in os.environ.get("KDBENCH_METHODS_PATH", "").split(os.pathsep) if p]
+    for directory in dirs:
+        for path in sorted(Path(directory).glob("*.py")):
+            if not path.name.startswith("_"):
+                _load_method_file(path)
+
+
+def _load_method_file(path: Path) -> None:
+    module_name = _MODULE_PREFIX + path.stem
+    if module_name in sys.modules:
+        return
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except KdbenchError:
+        raise
+    except Exception as exc:
+        del sys.modules[module_name]
+        raise KdbenchError(f"method file {path} failed to import: {type(exc).__name__}: {exc}") from exc
+
+
+METHODS: Registry[type[Method]] = Registry("method", discover=_discover_methods)
+
+
+def register_method(name: str):
+    """Class decorator: registers a Method subclass under ``name`` (which must equal its file name)."""
+
+    def add(cls: type[Method]) -> type[Method]:
+        stem = cls.__module__.removeprefix(_MODULE_PREFIX)
+        if cls.__module__.startswith(_MODULE_PREFIX) and stem != name:
+            raise KdbenchError(f"method {name!r} is defined in {stem}.py; a method's file must be named {name}.py")
+        cls.name = name
+        return METHODS.register(name)(cls)
+
+    return add
+
+
+def validate_config(method_cls: type[Method], overrides: dict[str, Any]) -> MethodConfig:
+    """The method's config with ``overrides`` applied; a bad value → one line naming the field."""
+    try:
+        return method_cls.Config(**overrides)
+    except pydantic.ValidationError as exc:
+        raise KdbenchError(f"method {method_cls.name}: {format_validation_error(exc)}") from None
+
+
+def format_validation_error(exc: pydantic.ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "value"
+        given = f" (got {err['input']!r})" if err["type"] != "missing" and "input" in err else ""
+        parts.append(f"{field}: {err['msg']}{given}")
+    return "; ".join(parts)

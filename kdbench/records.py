@@ -1,0 +1,151 @@
+"""Run records (DESIGN.md §5): one JSON file per run under ``results/``, written atomically.
+
+The records are the source of truth; the leaderboard is built from them alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal
+
+import pydantic
+import torch
+
+from kdbench.config import RunSpec
+from kdbench.errors import KdbenchError
+from kdbench.method import format_validation_error
+
+SCHEMA_VERSION = 1
+
+
+class Metrics(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="allow")
+    test_top1: float
+    val_top1: float
+    teacher_top1: float | None
+    agreement: float | None
+    params: int
+    extra_params: int
+    flops: int
+    latency_b1_ms: float
+    latency_b1_iqr_ms: float
+    throughput_bN: float
+    train_seconds: float
+    epochs: int
+
+
+class Env(pydantic.BaseModel):
+    python: str
+    torch: str
+    platform: str
+    cpu: str
+    gpu: str | None
+    threads: int
+
+
+class Record(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="allow")
+    schema_version: Literal[1]
+    suite: str
+    track: str
+    teacher: str
+    student: str
+    method: str
+    method_version: int
+    seed: int
+    status: Literal["finished", "failed"]
+    error: str | None = None
+    config: dict
+    config_sha256: str
+    git_commit: str | None
+    git_dirty: bool | None
+    created_at: str
+    env: Env
+    metrics: Metrics | None
+
+
+def record_path(results_dir: Path, spec: RunSpec) -> Path:
+    return Path(results_dir) / spec.suite / spec.track / f"{spec.teacher}--{spec.student}" / spec.method / f"seed{spec.seed}.json"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(threads: int) -> dict:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cpu": _cpu_name(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "threads": threads,
+    }
+
+
+def git_state() -> tuple[str | None, bool | None]:
+    """(commit, dirty) of the checkout kdbench runs from; (None, None) outside git."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
+                               text=True, check=True).stdout.strip() != ""
+        return commit, dirty
+    except (OSError, subprocess.CalledProcessError):
+        return None, None
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file in the same folder + fsync + rename: never a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_record(path: Path, record: dict) -> None:
+    Record.model_validate(record)  # never write a record the leaderboard would refuse
+    write_atomic(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
+def load_record(path: Path) -> Record:
+    """A validated record; a truncated or tampered file → one line naming it."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise KdbenchError(f"record {path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise KdbenchError(f"record {path} is not valid JSON ({exc}); restore it from git or re-run it with --force") from None
+    try:
+        return Record.model_validate(raw)
+    except pydantic.ValidationError as exc:
+        raise KdbenchError(f"record {path} is malformed: {format_validation_error(exc)}") from None
+
+
+def load_records(results_dir: Path) -> list[tuple[Path, Record]]:
+    return [(p, load_record(p)) for p in sorted(Path(results_dir).rglob("*.json"))]
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+

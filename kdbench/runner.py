@@ -1,0 +1,102 @@
+"""One run from spec to record: data, cached teacher, method, the training loop, measurements."""
+
+from __future__ import annotations
+
+import sys
+import time
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from kdbench.config import RunSpec, sha256_of
+from kdbench.errors import KdbenchError
+from kdbench.features import probe_shapes
+from kdbench.measure import cost_metrics, predict, top1
+from kdbench.method import METHODS
+from kdbench.models import count_params, create_model
+from kdbench.records import environment, git_state, now_iso, record_path, write_record
+from kdbench.tracking import log_run
+from kdbench.tracks import TrackData, load_track
+from kdbench.train import DivergedError, fit, load_or_train_teacher
+
+
+@lru_cache(maxsize=4)
+def _track_data(track: str, data_root: Path | None) -> TrackData:
+    return load_track(track, data_root)
+
+
+def run_one(spec: RunSpec, results_dir: Path, data_root: Path | None = None, log=None) -> dict:
+    """Train and measure one run, write its record (also when it diverges) and mirror it to MLflow."""
+    torch.set_num_threads(spec.measure.threads)
+    torch.use_deterministic_algorithms(True)
+    data = _track_data(spec.track, data_root)
+    config = spec.config(data.description)
+    teacher, teacher_key = load_or_train_teacher(spec.track, data, spec.teacher, spec.teacher_train, spec.teacher_seed)
+    method_cls = METHODS.get(spec.method)
+    method_config = method_cls.Config(**spec.method_config)
+    torch.manual_seed(spec.seed)
+    student = create_model(spec.student, data.num_classes, data.in_shape)
+    student_taps, teacher_taps = method_cls.taps(method_config)
+    sample = data.train.x[:2]
+    method = method_cls(method_config, probe_shapes(student, student_taps, sample), probe_shapes(teacher, teacher_taps, sample))
+    commit, dirty = git_state()
+    record = {
+        "schema_version": 1,
+        "suite": spec.suite,
+        "track": spec.track,
+        "teacher": spec.teacher,
+        "student": spec.student,
+        "method": spec.method,
+        "method_version": spec.method_version,
+        "seed": spec.seed,
+        "config": config,
+        "config_sha256": sha256_of(config),
+        "teacher_sha256": teacher_key,
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "created_at": now_iso(),
+        "env": environment(spec.measure.threads),
+    }
+    start = time.perf_counter()
+    history: list[dict] = []
+    try:
+        fit(student, method, teacher, data, spec.train, spec.seed, on_epoch=lambda row: _progress(spec, row, log, history))
+    except DivergedError as exc:
+        record.update(status="failed", error=f"diverged: {exc}", metrics=None)
+    else:
+        record.update(status="finished", metrics=_metrics(spec, student, method, teacher, data, time.perf_counter() - start))
+    write_record(record_path(results_dir, spec), record)
+    log_run(record, history)
+    return record
+
+
+def _progress(spec: RunSpec, row: dict, log, history: list[dict]) -> None:
+    history.append(row)
+    if log:
+        log(f"  epoch {row['epoch']}/{spec.train.epochs}  loss {row['train_loss']:.4f}  val {row['val_top1']:.1f}%")
+
+
+def _metrics(spec: RunSpec, student, method, teacher, data: TrackData, train_seconds: float) -> dict:
+    m = spec.measure
+    preds = predict(student, data.test)
+    teacher_preds = predict(teacher, data.test)
+    student_cost = cost_metrics(student, data.in_shape, m.threads, m.throughput_batch, m.min_run_time)
+    teacher_cost = cost_metrics(teacher, data.in_shape, m.threads, m.throughput_batch, m.min_run_time)
+    return {
+        "test_top1": top1(preds, data.test.y),
+        "val_top1": top1(predict(student, data.val), data.val.y),
+        "teacher_top1": top1(teacher_preds, data.test.y),
+        "agreement": top1(preds, teacher_preds),
+        **student_cost,
+        "extra_params": count_params(method),
+        "train_seconds": train_seconds,
+        "epochs": spec.train.epochs,
+        **{f"teacher_{k}": v for k, v in teacher_cost.items() if k != "throughput_batch"},
+    }
+
+
+def stderr_log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+

@@ -1,0 +1,147 @@
+"""Suites: YAML files in ``benchmarks/`` expanded into RunSpecs (track × pair × method × seed).
+
+Merging is strict: an unknown key or a wrong type names the key and the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydantic
+import yaml
+from pydantic import Field
+
+from kdbench.config import STRICT, MeasureConfig, RunSpec, TrainConfig
+from kdbench.errors import KdbenchError
+from kdbench.method import METHODS, format_validation_error, validate_config
+from kdbench.models import MODELS
+from kdbench.registry import unknown_name_message
+from kdbench.tracks import TRACKS
+
+SUITES_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+class PairSpec(pydantic.BaseModel):
+    model_config = STRICT
+    teacher: str
+    student: str
+
+
+class TrackSpec(pydantic.BaseModel):
+    model_config = STRICT
+    pairs: tuple[PairSpec, ...] = Field(min_length=1)
+    train: TrainConfig
+    teacher_train: TrainConfig
+    teacher_seed: int = 0
+    methods: dict[str, dict] = {}  # per-track hyperparameter overrides, on top of the suite's
+
+
+class Suite(pydantic.BaseModel):
+    model_config = STRICT
+    name: str
+    tier: str
+    description: str = ""
+    seeds: tuple[int, ...] = Field(min_length=1)
+    all_methods: bool = False  # every registered method runs (with the overrides below where given)
+    methods: dict[str, dict] = {}
+    measure: MeasureConfig = MeasureConfig()
+    tracks: dict[str, TrackSpec] = Field(min_length=1)
+
+
+def suite_files() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(SUITES_DIR.glob("*.yaml"))}
+
+
+def load_suite(name_or_path: str) -> Suite:
+    """A suite by name (``benchmarks/<name>.yaml``) or by path to a YAML file."""
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        files = suite_files()
+        if name_or_path not in files:
+            raise KdbenchError(unknown_name_message("suite", name_or_path, files))
+        path = files[name_or_path]
+    if not path.is_file():
+        raise KdbenchError(f"suite file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise KdbenchError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    try:
+        suite = Suite.model_validate(raw)
+    except pydantic.ValidationError as exc:
+        raise KdbenchError(f"{path}: {format_validation_error(exc)}") from None
+    _check_names(suite, path)
+    return suite
+
+
+def _check_names(suite: Suite, path: Path) -> None:
+    for track, spec in suite.tracks.items():
+        if track not in TRACKS:
+            raise KdbenchError(f"{path}: {unknown_name_message('track', track, TRACKS.names())}")
+        for pair in spec.pairs:
+            for model in (pair.teacher, pair.student):
+                if model not in MODELS:
+                    raise KdbenchError(f"{path}: {unknown_name_message('model', model, MODELS.names())}")
+        for method in list(suite.methods) + list(spec.methods):
+            if method not in METHODS:
+                raise KdbenchError(f"{path}: {unknown_name_message('method', method, METHODS.names())}")
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """'0,1,2' → (0, 1, 2); anything else → a one-line error."""
+    try:
+        seeds = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise KdbenchError(f"--seeds {text!r}: expected comma-separated whole numbers, e.g. --seeds 0,1,2") from None
+    if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise KdbenchError(f"--seeds {text!r}: seeds must be distinct and non-negative")
+    return seeds
+
+
+def expand(
+    suite: Suite,
+    methods: list[str] | None = None,
+    tracks: list[str] | None = None,
+    pairs: list[str] | None = None,
+    seeds: tuple[int, ...] | None = None,
+) -> list[RunSpec]:
+    """The suite's runs, optionally narrowed; every config is validated before anything trains."""
+    for name in methods or ():
+        METHODS.get(name)
+    for name in tracks or ():
+        if name not in suite.tracks:
+            raise KdbenchError(f"suite {suite.name}: " + unknown_name_message("track", name, suite.tracks))
+    all_pairs = {f"{p.teacher}:{p.student}" for spec in suite.tracks.values() for p in spec.pairs}
+    for name in pairs or ():
+        if name not in all_pairs:
+            raise KdbenchError(f"suite {suite.name}: " + unknown_name_message("pair", name, all_pairs))
+    method_names = methods or (METHODS.names() if suite.all_methods else list(suite.methods))
+    specs = []
+    for track, tspec in suite.tracks.items():
+        if tracks and track not in tracks:
+            continue
+        for pair in tspec.pairs:
+            if pairs and f"{pair.teacher}:{pair.student}" not in pairs:
+                continue
+            for name in method_names:
+                cls = METHODS.get(name)
+                overrides = {**suite.methods.get(name, {}), **tspec.methods.get(name, {})}
+                config = validate_config(cls, overrides).model_dump(mode="json")
+                for seed in seeds or suite.seeds:
+                    specs.append(
+                        RunSpec(
+                            suite=suite.name,
+                            track=track,
+                            teacher=pair.teacher,
+                            student=pair.student,
+                            method=name,
+                            method_version=cls.version,
+                            method_config=config,
+                            seed=seed,
+                            train=tspec.train,
+                            teacher_train=tspec.teacher_train,
+                            teacher_seed=tspec.teacher_seed,
+                            measure=suite.measure,
+                        )
+                    )
+    return specs

@@ -1,0 +1,82 @@
+"""The MLflow mirror: every run's params, metrics, per-epoch curves, tags and record.
+
+Default store: an embedded sqlite database under ``$KDBENCH_HOME`` (never the deprecated file store);
+``MLFLOW_TRACKING_URI`` points it elsewhere. A tracking failure never loses a run: the record is
+written first and a warning says what was not logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+
+from kdbench.train import kdbench_home
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{kdbench_home() / 'mlflow.db'}"
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _experiment_id(mlflow, name: str) -> str:
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    artifacts = None
+    if "MLFLOW_TRACKING_URI" not in os.environ:
+        artifacts = (kdbench_home() / "mlartifacts").as_uri()
+    return mlflow.create_experiment(name, artifact_location=artifacts)
+
+
+def log_run(record: dict, history: list[dict]) -> None:
+    """Log one finished or failed run; warn (never raise) when the tracking store is unreachable."""
+    try:
+        _log_run(record, history)
+    except Exception as exc:  # noqa: BLE001 - tracking must never lose a run
+        print(f"warning: run not logged to MLflow at {tracking_uri()}: {type(exc).__name__}: {exc}", file=sys.stderr)
+
+
+def _log_run(record: dict, history: list[dict]) -> None:
+    import mlflow
+
+    for name in ("mlflow", "alembic"):  # after the import: mlflow configures its loggers when imported
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", module="mlflow")
+
+    kdbench_home().mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(tracking_uri())
+    experiment_id = _experiment_id(mlflow, f"kdbench-{record['suite']}")
+    run_name = f"{record['track']}/{record['student']}/{record['method']}/seed{record['seed']}"
+    tags = {
+        "config_sha256": record["config_sha256"],
+        "git_commit": str(record["git_commit"]),
+        "method": record["method"],
+        "track": record["track"],
+        "teacher": record["teacher"],
+        "student": record["student"],
+        "status": record["status"],
+    }
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags):
+        params = {k: str(v)[:500] for k, v in _flatten(record["config"]).items()}
+        params["seed"] = record["seed"]
+        mlflow.log_params(params)
+        for row in history:
+            mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+        curves = set(history[-1]) if history else set()
+        final = {k: float(v) for k, v in (record["metrics"] or {}).items() if v is not None and k not in curves}
+        mlflow.log_metrics(final, step=history[-1]["epoch"] if history else 0)
+        mlflow.log_dict(record, "record.json")
+        if record["status"] != "finished":
+            mlflow.end_run(status="FAILED")

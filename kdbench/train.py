@@ -1,0 +1,165 @@
+"""The one generic training loop, and teachers trained once and cached by config hash."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from kdbench.config import TrainConfig, sha256_of
+from kdbench.errors import KdbenchError
+from kdbench.features import FeatureTaps
+from kdbench.measure import predict, top1
+from kdbench.method import Method, MethodConfig, SupervisedOnly
+from kdbench.models import create_model
+from kdbench.tracks import TrackData
+
+TEACHER_FORMAT = 1  # bump when teacher training code changes what it produces
+
+
+class DivergedError(KdbenchError):
+    """The loss became NaN or infinite."""
+
+
+def kdbench_home() -> Path:
+    """Local state (MLflow store, teacher checkpoints): ``$KDBENCH_HOME`` or ``./.kdbench``."""
+    return Path(os.environ.get("KDBENCH_HOME", ".kdbench")).resolve()
+
+
+def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int):
+    """Stepped once per batch. ``multistep`` milestones are in epochs, as in the CRD protocol."""
+    total = cfg.epochs * steps_per_epoch
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total)
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    if cfg.schedule == "multistep":
+        milestones = [m * steps_per_epoch for m in cfg.milestones]
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=cfg.gamma)
+    return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
+
+
+def _detached(taps: dict | None) -> dict | None:
+    return None if taps is None else {k: v.detach() for k, v in taps.items()}
+
+
+def fit(
+    student: nn.Module,
+    method: Method,
+    teacher: nn.Module | None,
+    data: TrackData,
+    cfg: TrainConfig,
+    seed: int,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> list[dict]:
+    """Train ``student`` (and the method's extra modules) on ``data.train``; returns per-epoch history.
+
+    The teacher stays in eval mode without gradients. The loop never asks which method it runs.
+    """
+    torch.manual_seed(seed)
+    order = torch.Generator().manual_seed(seed)
+    n = len(data.train)
+    steps_per_epoch = n // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise KdbenchError(f"batch_size {cfg.batch_size} exceeds the {n} training samples; lower batch_size")
+    total_steps = cfg.epochs * steps_per_epoch
+    student_taps, teacher_taps = method.taps(method.config)
+    student_tapper = FeatureTaps(student, student_taps)
+    teacher_tapper = FeatureTaps(teacher, teacher_taps) if method.needs_teacher else None
+    optimizer = make_optimizer(list(student.parameters()) + method.student_side_parameters(), cfg)
+    scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
+    adversary = getattr(method, "adversary", None)
+    adversary_optimizer = method.adversary_optimizer(adversary.parameters()) if adversary is not None else None
+    if teacher is not None:
+        teacher.eval().requires_grad_(False)
+    student.train()
+    method.train()
+    history = []
+    try:
+        for epoch in range(cfg.epochs):
+            perm = torch.randperm(n, generator=order)
+            sums: dict[str, float] = defaultdict(float)
+            for i in range(steps_per_epoch):
+                idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+                x, y = data.train.x[idx], data.train.y[idx]
+                step = epoch * steps_per_epoch + i
+                progress = step / total_steps
+                with torch.no_grad():
+                    t_out = teacher_tapper(x) if teacher_tapper else None
+                s_out = student_tapper(x)
+                terms = method.loss(s_out, t_out, y, progress)
+                loss = sum(terms.values())
+                if not torch.isfinite(loss):
+                    raise DivergedError(f"loss is {loss.item()} at epoch {epoch + 1}, step {step}")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                if adversary_optimizer is not None:
+                    adv_terms = method.adversary_loss(_detached(s_out), _detached(t_out), y)
+                    adversary_optimizer.zero_grad(set_to_none=True)
+                    sum(adv_terms.values()).backward()
+                    adversary_optimizer.step()
+                    terms = {**terms, **{f"adversary_{k}": v for k, v in adv_terms.items()}}
+                method.on_step_end(progress)
+                for k, v in terms.items():
+                    sums[k] += v.item()
+                sums["loss"] += loss.item()
+            row = {"epoch": epoch + 1, **{f"train_{k}": v / steps_per_epoch for k, v in sums.items()}}
+            row["val_top1"] = top1(predict(student, data.val), data.val.y)
+            history.append(row)
+            if on_epoch:
+                on_epoch(row)
+    finally:
+        student_tapper.remove()
+        if teacher_tapper:
+            teacher_tapper.remove()
+    return history
+
+
+def teacher_key(track: str, data: TrackData, teacher: str, cfg: TrainConfig, seed: int) -> str:
+    return sha256_of(
+        {"track": track, "data": data.description, "teacher": teacher, "train": cfg.model_dump(mode="json"),
+         "seed": seed, "format": TEACHER_FORMAT}
+    )
+
+
+def load_or_train_teacher(track: str, data: TrackData, name: str, cfg: TrainConfig, seed: int) -> tuple[nn.Module, str]:
+    """The teacher for (track, teacher config), trained once and cached as safetensors; (model, key)."""
+    key = teacher_key(track, data, name, cfg, seed)
+    path = kdbench_home() / "teachers" / f"{track}-{name}-{key[:16]}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = create_model(name, data.num_classes, data.in_shape)
+    with FileLock(str(path) + ".lock"):
+        if not path.exists():
+            print(f"training teacher {name} on {track} ({cfg.epochs} epochs; cached at {path})", file=sys.stderr)
+            start = time.perf_counter()
+            fit(model, SupervisedOnly(MethodConfig(), {}, {}), None, data, cfg, seed)
+            tmp = path.with_suffix(".tmp")
+            save_file(model.state_dict(), str(tmp))
+            os.replace(tmp, path)
+            print(f"teacher trained in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+        model.load_state_dict(load_file(str(path)))
+    return model.eval(), key
+
+
+def epochs_eta(started: float, done: int, total: int) -> str:
+    if done == 0:
+        return "?"
+    remaining = (time.perf_counter() - started) / done * (total - done)
+    return f"{math.ceil(remaining)}s"

@@ -1,0 +1,43 @@
+"""Shared fixtures: an isolated kdbench home and MLflow store, and a tiny suite that trains in seconds."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+TINY_SUITE = """\
+name: tiny
+tier: cpu
+seeds: [0, 1]
+methods:
+  baseline: {}
+  vanilla_kd: {}
+measure: {threads: 1, throughput_batch: 16, min_run_time: 0.01}
+tracks:
+  mnist1d:
+    pairs:
+      - {teacher: cnn1d_w8, student: cnn1d_w4}
+    teacher_train: {epochs: 2, batch_size: 200, lr: 0.01}
+    train: {epochs: 2, batch_size: 200, lr: 0.01}
+"""
+
+
+@pytest.fixture(scope="session")
+def session_home(tmp_path_factory):
+    return tmp_path_factory.mktemp("kdbench-home")
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(session_home, monkeypatch):
+    """Teacher cache and MLflow store in a temporary folder shared by the session (created once)."""
+    monkeypatch.setenv("KDBENCH_HOME", str(session_home))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{session_home / 'mlflow.db'}")
+    return session_home
+
+
+@pytest.fixture
+def tiny_suite(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(textwrap.dedent(TINY_SUITE))
+    return path

@@ -1,0 +1,82 @@
+"""A tiny suite through the command line: records, MLflow, leaderboard, --check, determinism."""
+
+import json
+
+import mlflow
+import pytest
+
+from kdbench.cli import main
+from kdbench.leaderboard import render
+from kdbench.records import load_records
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, session_home):
+    """Run the tiny suite once for the module (2 methods × 2 seeds)."""
+    root = tmp_path_factory.mktemp("e2e")
+    suite = root / "tiny.yaml"
+    from conftest import TINY_SUITE
+
+    suite.write_text(TINY_SUITE)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("KDBENCH_HOME", str(session_home))
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    assert main(["run", "--suite", str(suite), "--results-dir", str(root / "results")]) == 0
+    mp.undo()
+    return root
+
+
+def test_records_have_every_field(finished_run):
+    records = load_records(finished_run / "results")
+    assert len(records) == 4
+    for path, rec in records:
+        raw = json.loads(path.read_text())
+        for field in ("schema_version", "suite", "track", "teacher", "student", "method", "method_version", "seed",
+                      "status", "config", "config_sha256", "git_commit", "git_dirty", "created_at", "env", "metrics"):
+            assert field in raw, field
+        assert rec.status == "finished"
+        m = rec.metrics
+        assert 0 <= m.test_top1 <= 100 and 0 <= m.agreement <= 100
+        assert m.params == 614 and m.extra_params == 0 and m.flops > 0 and m.latency_b1_ms > 0
+        assert rec.env.threads == 1 and rec.config["train"]["epochs"] == 2
+    hashes = {rec.method: rec.config_sha256 for _, rec in records}
+    assert hashes["baseline"] != hashes["vanilla_kd"]
+
+
+def test_every_run_is_in_mlflow(finished_run):
+    mlflow.set_tracking_uri(f"sqlite:///{finished_run / 'mlflow.db'}")
+    runs = mlflow.search_runs(search_all_experiments=True)
+    assert len(runs) == 4
+    assert set(runs["tags.method"]) == {"baseline", "vanilla_kd"}
+    assert (runs["metrics.test_top1"] >= 0).all()
+    client = mlflow.MlflowClient()
+    curve = client.get_metric_history(runs["run_id"].iloc[0], "val_top1")
+    assert [p.step for p in curve] == [1, 2]
+
+
+def test_leaderboard_and_check(finished_run, capsys):
+    results, out = str(finished_run / "results"), finished_run / "leaderboard.md"
+    assert main(["leaderboard", "--results-dir", results, "--output", str(out)]) == 0
+    text = out.read_text()
+    assert "| baseline" in text and "| vanilla_kd" in text and "teacher (cnn1d_w8)" in text
+    assert render(finished_run / "results") == text  # deterministic
+    assert main(["leaderboard", "--results-dir", results, "--output", str(out), "--check"]) == 0
+    out.write_text(text.replace("vanilla_kd", "vanilla_kb", 1))
+    assert main(["leaderboard", "--results-dir", results, "--output", str(out), "--check"]) == 1
+
+
+def test_finished_runs_are_skipped(finished_run, capsys):
+    suite = str(finished_run / "tiny.yaml")
+    assert main(["run", "--suite", suite, "--results-dir", str(finished_run / "results"), "--seeds", "0"]) == 0
+    assert "skipped" in capsys.readouterr().err
+
+
+def test_same_seed_same_metrics(finished_run, tmp_path):
+    suite = str(finished_run / "tiny.yaml")
+    args = ["run", "--suite", suite, "--method", "vanilla_kd", "--seeds", "1", "--results-dir", str(tmp_path)]
+    assert main(args) == 0
+    ((_, again),) = load_records(tmp_path)
+    (original,) = [r for _, r in load_records(finished_run / "results") if r.method == "vanilla_kd" and r.seed == 1]
+    for key in ("test_top1", "val_top1", "teacher_top1", "agreement", "params", "flops"):
+        assert getattr(again.metrics, key) == getattr(original.metrics, key), key
+    assert again.config_sha256 == original.config_sha256

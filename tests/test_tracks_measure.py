@@ -1,0 +1,31 @@
+import torch
+from torch import nn
+
+from kdbench.measure import cost_metrics, flops_per_sample, top1
+from kdbench.tracks import load_track
+
+
+def test_mnist1d_splits():
+    data = load_track("mnist1d")
+    assert (len(data.train), len(data.val), len(data.test)) == (3600, 400, 1000)
+    assert data.train.x.shape[1:] == (1, 40) and data.in_shape == (1, 40)
+    # stratified: each class's share of val is its share of train, to within one sample
+    expected = torch.bincount(data.train.y) * len(data.val) / len(data.train)
+    assert (torch.bincount(data.val.y) - expected).abs().max() <= 1
+    again = load_track("mnist1d")
+    assert torch.equal(again.val.x, data.val.x)  # fixed split
+
+
+def test_flops_of_linear_layer():
+    assert flops_per_sample(nn.Linear(40, 10), (40,)) == 2 * 40 * 10
+
+
+def test_cost_metrics_fields():
+    m = cost_metrics(nn.Linear(40, 10), (40,), threads=1, throughput_batch=8, min_run_time=0.01)
+    assert m["params"] == 410 and m["flops"] == 800
+    assert m["latency_b1_ms"] > 0 and m["latency_b1_iqr_ms"] >= 0 and m["throughput_bN"] > 0
+    assert m["throughput_batch"] == 8
+
+
+def test_top1():
+    assert top1(torch.tensor([1, 2, 3, 4]), torch.tensor([1, 2, 0, 0])) == 50.0
