@@ -88,7 +88,7 @@ def cmd_run(args) -> int:
         top1 = record["metrics"]["test_top1"] if record["metrics"] else None
         log(f"    {record['status']}: test top-1 {top1:.2f}%" if top1 is not None else f"    {record['status']}: {record['error']}")
         summary.append((spec.label(), record["status"], f"{top1:.2f}" if top1 is not None else record["error"]))
-    print(tabulate(summary, headers=["run", "status", "test top-1 %"], tablefmt="simple"))
+    print(tabulate(summary, headers=["run", "status", "test top-1 %"], tablefmt="simple", disable_numparse=True))
     print(f"{len(specs)} runs in {time.perf_counter() - started:.1f}s; records under {results_dir}")
     return 0
 

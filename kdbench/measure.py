@@ -7,9 +7,14 @@ of repeated blocks).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
-from torch.utils import benchmark
+
+# torch.utils.benchmark imports cpp_extension, which warns about a missing CUDA toolkit on CPU machines
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+from torch.utils import benchmark  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode
 
 from kdbench.models import count_params

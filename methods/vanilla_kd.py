@@ -23,14 +23,8 @@ Deviations: none in the loss. The weights are free (RepDistiller's 0.1/0.9 do no
 import torch.nn.functional as F
 from pydantic import Field
 
+from kdbench.losses import kd_loss
 from kdbench.method import Method, MethodConfig, register_method
-
-
-def kd_loss(student_logits, teacher_logits, temperature: float):
-    """T² · KL(softmax(z_t/T) ‖ softmax(z_s/T)), batch-averaged."""
-    log_p_s = F.log_softmax(student_logits / temperature, dim=1)
-    log_p_t = F.log_softmax(teacher_logits / temperature, dim=1)
-    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * temperature**2
 
 
 class VanillaKDConfig(MethodConfig):

@@ -41,3 +41,12 @@ def tiny_suite(tmp_path):
     path = tmp_path / "tiny.yaml"
     path.write_text(textwrap.dedent(TINY_SUITE))
     return path
+
+
+def pytest_addoption(parser):
+    parser.addoption("--update-golden", action="store_true", help="rewrite tests/golden/*.json from the current code")
+
+
+@pytest.fixture
+def update_golden(request):
+    return request.config.getoption("--update-golden")

@@ -61,3 +61,14 @@ def test_list_commands(capsys):
         assert main(["list", what]) == 0
     out = capsys.readouterr().out
     assert "vanilla_kd" in out and "cnn1d_w8" in out and "1,538" in out and "mnist1d" in out
+
+
+def test_ui_opens_mlflow_on_the_local_store(monkeypatch, isolated_home):
+    calls = []
+    monkeypatch.setattr("os.execv", lambda exe, argv: calls.append(argv))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    main(["ui", "--port", "5123"])
+    (argv,) = calls
+    assert argv[1:4] == ["-m", "mlflow", "ui"]
+    assert argv[argv.index("--backend-store-uri") + 1] == f"sqlite:///{isolated_home / 'mlflow.db'}"
+    assert "5123" in argv

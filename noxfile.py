@@ -1,0 +1,22 @@
+"""Entry points: ``nox -s tests`` (what CI runs) and ``nox -s bench`` (reproduce the results)."""
+
+import nox
+
+nox.options.sessions = ["tests"]
+nox.options.reuse_existing_virtualenvs = True  # torch is large: build each venv once
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The test suite (fast tests; add `-- -m slow` for the slow ones), then the leaderboard check."""
+    session.install("-e", ".[test]")
+    session.run("pytest", *session.posargs)
+    session.run("kdbench", "leaderboard", "--check")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Run the default CPU suite into results/ and regenerate leaderboard.md (args go to `kdbench run`)."""
+    session.install("-e", ".")
+    session.run("kdbench", "run", "--suite", "cpu", *session.posargs)
+    session.run("kdbench", "leaderboard")
