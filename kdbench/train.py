@@ -112,8 +112,11 @@ def fit(
                 scheduler.step()
                 if adversary_optimizer is not None:
                     adv_terms = method.adversary_loss(_detached(s_out), _detached(t_out), y)
+                    adv_loss = sum(adv_terms.values())
+                    if not torch.isfinite(adv_loss):
+                        raise DivergedError(f"adversary loss is {adv_loss.item()} at epoch {epoch + 1}, step {step}")
                     adversary_optimizer.zero_grad(set_to_none=True)
-                    sum(adv_terms.values()).backward()
+                    adv_loss.backward()
                     adversary_optimizer.step()
                     terms = {**terms, **{f"adversary_{k}": v for k, v in adv_terms.items()}}
                 method.on_step_end(progress)
