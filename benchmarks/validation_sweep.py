@@ -9,7 +9,7 @@ and prints validation top-1 only, mean over tuning seeds disjoint from the repor
 from __future__ import annotations
 
 import argparse
-import itertools
+import os
 import statistics
 import tempfile
 from dataclasses import replace
@@ -21,34 +21,34 @@ from kdbench.runner import run_one
 from kdbench.suite import expand, load_suite
 
 TUNING_SEEDS = (100, 101)
+# Per method: the variants tried, each a dict of hyperparameter overrides ("epochs" sets the student schedule).
 GRID = {
-    "baseline": {"epochs": [30, 60]},
-    "vanilla_kd": {"epochs": [30], "temperature": [1.0, 2.0, 4.0], "weights": [(0.1, 0.9), (0.5, 0.5)]},
+    "baseline": [{"epochs": 30}, {"epochs": 60}],
+    "vanilla_kd": [
+        {"temperature": t, "ce_weight": ce, "kd_weight": kd} for t in (1.0, 2.0, 4.0) for ce, kd in ((0.1, 0.9), (0.5, 0.5))
+    ],
+    "fitnets": [{"hint_weight": w} for w in (1.0, 10.0, 100.0)],
+    "attention_transfer": [{"beta": b} for b in (1.0, 10.0, 100.0, 1000.0)],
+    "adversarial": [{"adv_weight": w} for w in (0.1, 1.0)],
+    "self_distillation": [{"alpha": a} for a in (0.1, 0.3)],
 }
-
-
-def _variants(method: str):
-    grid = GRID[method]
-    keys = list(grid)
-    for values in itertools.product(*(grid[k] for k in keys)):
-        point = dict(zip(keys, values))
-        epochs = point.pop("epochs")
-        if "weights" in point:
-            point["ce_weight"], point["kd_weight"] = point.pop("weights")
-        yield epochs, point
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", default="cpu")
     parser.add_argument("--track", default="mnist1d")
+    parser.add_argument("--method", action="append", choices=list(GRID), help="only these methods (default: all)")
     args = parser.parse_args()
     suite = load_suite(args.suite)
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
-        for method in GRID:
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{scratch}/mlflow.db"  # keep sweeps out of the real store
+        for method in args.method or GRID:
             (base,) = expand(suite, methods=[method], tracks=[args.track], seeds=(0,))
-            for epochs, overrides in _variants(method):
+            for variant in GRID[method]:
+                overrides = {k: v for k, v in variant.items() if k != "epochs"}
+                epochs = variant.get("epochs", base.train.epochs)
                 config = {**base.method_config, **overrides}
                 vals = []
                 for seed in TUNING_SEEDS:
