@@ -23,7 +23,7 @@ from kdbench.method import Method, MethodConfig, SupervisedOnly
 from kdbench.models import create_model
 from kdbench.tracks import TrackData
 
-TEACHER_FORMAT = 1  # bump when teacher training code changes what it produces
+TEACHER_FORMAT = 2  # bump when teacher training code changes what it produces (2: seeded initial weights)
 
 
 class DivergedError(KdbenchError):
@@ -147,6 +147,7 @@ def load_or_train_teacher(track: str, data: TrackData, name: str, cfg: TrainConf
     key = teacher_key(track, data, name, cfg, seed)
     path = kdbench_home() / "teachers" / f"{track}-{name}-{key[:16]}.safetensors"
     path.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)  # the initial weights, too, come from the teacher's own seed
     model = create_model(name, data.num_classes, data.in_shape)
     with FileLock(str(path) + ".lock"):
         if not path.exists():

@@ -1,0 +1,33 @@
+import torch
+from safetensors.torch import load_file
+
+from kdbench.config import TrainConfig
+from kdbench.tracks import load_track
+from kdbench.train import load_or_train_teacher
+
+CFG = TrainConfig(epochs=1, batch_size=400, lr=0.01)
+
+
+def test_teacher_is_trained_once_and_reproducible(tmp_path, monkeypatch):
+    data = load_track("mnist1d")
+    monkeypatch.setenv("KDBENCH_HOME", str(tmp_path / "a"))
+    first, key = load_or_train_teacher("mnist1d", data, "cnn1d_w4", CFG, seed=0)
+    (path,) = (tmp_path / "a" / "teachers").glob("*.safetensors")
+    assert key[:16] in path.name
+    mtime = path.stat().st_mtime_ns
+    again, _ = load_or_train_teacher("mnist1d", data, "cnn1d_w4", CFG, seed=0)
+    assert path.stat().st_mtime_ns == mtime  # loaded from the cache, not retrained
+    torch.rand(7)  # whatever the process did before must not change the teacher
+    monkeypatch.setenv("KDBENCH_HOME", str(tmp_path / "b"))
+    fresh, _ = load_or_train_teacher("mnist1d", data, "cnn1d_w4", CFG, seed=0)
+    for name, value in load_file(str(path)).items():
+        assert torch.equal(fresh.state_dict()[name], value), name
+    assert not again.training
+
+
+def test_teacher_key_depends_on_config(tmp_path, monkeypatch):
+    monkeypatch.setenv("KDBENCH_HOME", str(tmp_path))
+    data = load_track("mnist1d")
+    _, a = load_or_train_teacher("mnist1d", data, "cnn1d_w4", CFG, seed=0)
+    _, b = load_or_train_teacher("mnist1d", data, "cnn1d_w4", CFG, seed=1)
+    assert a != b
