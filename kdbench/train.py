@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -58,6 +57,17 @@ def _detached(taps: dict | None) -> dict | None:
     return None if taps is None else {k: v.detach() for k, v in taps.items()}
 
 
+def _step(optimizer: torch.optim.Optimizer, terms: dict[str, torch.Tensor], where: str) -> torch.Tensor:
+    """Sum the terms, refuse a NaN or infinite total, and take one optimizer step."""
+    loss = sum(terms.values())
+    if not torch.isfinite(loss):
+        raise DivergedError(f"{where} is {loss.item()}")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
 def fit(
     student: nn.Module,
     method: Method,
@@ -103,21 +113,11 @@ def fit(
                     t_out = teacher_tapper(x) if teacher_tapper else None
                 s_out = student_tapper(x)
                 terms = method.loss(s_out, t_out, y, progress)
-                loss = sum(terms.values())
-                if not torch.isfinite(loss):
-                    raise DivergedError(f"loss is {loss.item()} at epoch {epoch + 1}, step {step}")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                loss = _step(optimizer, terms, f"loss at epoch {epoch + 1}, step {step}")
                 scheduler.step()
                 if adversary_optimizer is not None:
                     adv_terms = method.adversary_loss(_detached(s_out), _detached(t_out), y)
-                    adv_loss = sum(adv_terms.values())
-                    if not torch.isfinite(adv_loss):
-                        raise DivergedError(f"adversary loss is {adv_loss.item()} at epoch {epoch + 1}, step {step}")
-                    adversary_optimizer.zero_grad(set_to_none=True)
-                    adv_loss.backward()
-                    adversary_optimizer.step()
+                    _step(adversary_optimizer, adv_terms, f"adversary loss at epoch {epoch + 1}, step {step}")
                     terms = {**terms, **{f"adversary_{k}": v for k, v in adv_terms.items()}}
                 method.on_step_end(progress)
                 for k, v in terms.items():
@@ -160,10 +160,3 @@ def load_or_train_teacher(track: str, data: TrackData, name: str, cfg: TrainConf
             print(f"teacher trained in {time.perf_counter() - start:.1f}s", file=sys.stderr)
         model.load_state_dict(load_file(str(path)))
     return model.eval(), key
-
-
-def epochs_eta(started: float, done: int, total: int) -> str:
-    if done == 0:
-        return "?"
-    remaining = (time.perf_counter() - started) / done * (total - done)
-    return f"{math.ceil(remaining)}s"

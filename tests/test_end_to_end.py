@@ -80,3 +80,17 @@ def test_same_seed_same_metrics(finished_run, tmp_path):
     for key in ("test_top1", "val_top1", "teacher_top1", "agreement", "params", "flops"):
         assert getattr(again.metrics, key) == getattr(original.metrics, key), key
     assert again.config_sha256 == original.config_sha256
+
+
+def test_failed_runs_are_counted_not_hidden(finished_run, tmp_path):
+    import shutil
+
+    results = tmp_path / "results"
+    shutil.copytree(finished_run / "results", results)
+    (path,) = [p for p, r in load_records(results) if r.method == "vanilla_kd" and r.seed == 1]
+    raw = json.loads(path.read_text())
+    raw.update(status="failed", error="diverged: loss is nan at epoch 2, step 30", metrics=None)
+    path.write_text(json.dumps(raw))
+    row = next(line for line in render(results).splitlines() if line.startswith("| vanilla_kd"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1:3] == ["1", "1"]  # n finished, failed
