@@ -19,6 +19,7 @@ EXAMPLES = {
         "  kdbench run --suite cpu --track mnist1d --method vanilla_kd --seeds 0 --results-dir /tmp/r"
     ),
     "leaderboard": "examples:\n  kdbench leaderboard\n  kdbench leaderboard --check",
+    "verify": "examples:\n  kdbench verify results/cpu/mnist1d/cnn1d_w32--cnn1d_w8/vanilla_kd/seed0.json",
     "ui": "examples:\n  kdbench ui --port 5000",
 }
 
@@ -118,6 +119,21 @@ def cmd_leaderboard(args) -> int:
     return 0 if ok else 1
 
 
+def cmd_verify(args) -> int:
+    from kdbench.records import load_record
+    from kdbench.verify import verify
+
+    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if args.verbose else None
+    record = load_record(Path(args.record))
+    print(f"re-running {record.track} {record.method} seed {record.seed} from {args.record} …", file=sys.stderr, flush=True)
+    rows = verify(Path(args.record), Path(args.data_root) if args.data_root else None, log)
+    table = [(name, old, new, "match" if ok else "MISMATCH") for name, old, new, ok in rows]
+    print(tabulate(table, headers=["metric", "recorded", "re-run", ""], tablefmt="simple", disable_numparse=True))
+    mismatches = sum(not ok for *_, ok in rows)
+    print("verified: every deterministic metric matches" if not mismatches else f"{mismatches} metric(s) differ")
+    return 0 if not mismatches else 1
+
+
 def cmd_ui(args) -> int:
     from kdbench.tracking import tracking_uri
     from kdbench.train import kdbench_home
@@ -160,6 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="leaderboard.md")
     p.add_argument("--check", action="store_true", help="write nothing; exit 1 if the file is out of date")
     p.set_defaults(func=cmd_leaderboard)
+
+    p = add("verify", "re-run a record's config and seed; compare accuracy and agreement exactly (exit 1 on mismatch)")
+    p.add_argument("record", help="path of a run record (JSON)")
+    p.add_argument("--data-root", help="folder with the datasets of full-tier tracks")
+    p.add_argument("-v", "--verbose", action="store_true", help="print every epoch")
+    p.set_defaults(func=cmd_verify)
 
     p = add("ui", "open the MLflow UI on the local tracking store")
     p.add_argument("--port", type=int, default=5000)

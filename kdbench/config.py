@@ -78,5 +78,24 @@ class RunSpec:
             "measure": self.measure.model_dump(mode="json"),
         }
 
+    @classmethod
+    def from_record(cls, record) -> "RunSpec":
+        """The spec that produced a record (its resolved config and seed), to re-run it."""
+        c = record.config
+        return cls(
+            suite=record.suite,
+            track=c["track"],
+            teacher=c["teacher"],
+            student=c["student"],
+            method=c["method"],
+            method_version=c["method_version"],
+            method_config=c["method_config"],
+            seed=record.seed,
+            train=TrainConfig(**c["train"]),
+            teacher_train=TrainConfig(**c["teacher_train"]),
+            teacher_seed=c["teacher_seed"],
+            measure=MeasureConfig(**c["measure"]),
+        )
+
     def label(self) -> str:
         return f"{self.track} {self.pair} {self.method} seed {self.seed}"

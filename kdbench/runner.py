@@ -26,8 +26,8 @@ def _track_data(track: str, data_root: Path | None) -> TrackData:
     return load_track(track, data_root)
 
 
-def run_one(spec: RunSpec, results_dir: Path, data_root: Path | None = None, log=None) -> dict:
-    """Train and measure one run, write its record (also when it diverges) and mirror it to MLflow."""
+def run_one(spec: RunSpec, results_dir: Path, data_root: Path | None = None, log=None, mirror=log_run) -> dict:
+    """Train and measure one run, write its record (also when it diverges) and mirror it (MLflow by default)."""
     torch.set_num_threads(spec.measure.threads)
     torch.use_deterministic_algorithms(True)
     data = _track_data(spec.track, data_root)
@@ -67,7 +67,8 @@ def run_one(spec: RunSpec, results_dir: Path, data_root: Path | None = None, log
     else:
         record.update(status="finished", metrics=_metrics(spec, student, method, teacher, data, time.perf_counter() - start))
     write_record(record_path(results_dir, spec), record)
-    log_run(record, history)
+    if mirror:
+        mirror(record, history)
     return record
 
 

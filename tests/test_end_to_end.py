@@ -94,3 +94,24 @@ def test_failed_runs_are_counted_not_hidden(finished_run, tmp_path):
     row = next(line for line in render(results).splitlines() if line.startswith("| vanilla_kd"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1:3] == ["1", "1"]  # n finished, failed
+
+
+def test_verify_reports_match_and_mismatch(finished_run, tmp_path, capsys):
+    import shutil
+
+    (path,) = [p for p, r in load_records(finished_run / "results") if r.method == "vanilla_kd" and r.seed == 0]
+    assert main(["verify", str(path)]) == 0
+    assert "verified: every deterministic metric matches" in capsys.readouterr().out
+    tampered = tmp_path / "seed0.json"
+    shutil.copy(path, tampered)
+    raw = json.loads(tampered.read_text())
+    raw["metrics"]["test_top1"] += 1.0
+    tampered.write_text(json.dumps(raw))
+    assert main(["verify", str(tampered)]) == 1
+    out = capsys.readouterr().out
+    assert "test_top1" in out and "MISMATCH" in out and "1 metric(s) differ" in out
+
+
+def test_verify_missing_file(capsys):
+    assert main(["verify", "/nonexistent/seed0.json"]) == 2
+    assert capsys.readouterr().err.strip() == "kdbench: error: record /nonexistent/seed0.json does not exist"
