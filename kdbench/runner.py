@@ -18,7 +18,7 @@ from kdbench.models import count_params, create_model
 from kdbench.records import environment, git_state, now_iso, record_path, write_record
 from kdbench.tracking import log_run
 from kdbench.tracks import TrackData, load_track
-from kdbench.train import DivergedError, fit, load_or_train_teacher
+from kdbench.train import DivergedError, fit, kdbench_home, load_or_train_teacher
 
 
 @lru_cache(maxsize=4)
@@ -58,24 +58,26 @@ def run_one(spec: RunSpec, results_dir: Path, data_root: Path | None = None, log
         "created_at": now_iso(),
         "env": environment(spec.measure.threads),
     }
+    checkpoint = kdbench_home() / "checkpoints" / f"{spec.track}-{record['config_sha256'][:16]}-seed{spec.seed}.pt"
     start = time.perf_counter()
     history: list[dict] = []
     try:
-        fit(student, method, teacher, data, spec.train, spec.seed, on_epoch=lambda row: _progress(spec, row, log, history))
+        history = fit(student, method, teacher, data, spec.train, spec.seed, _progress(spec, log), checkpoint)
     except DivergedError as exc:
         record.update(status="failed", error=f"diverged: {exc}", metrics=None)
     else:
         record.update(status="finished", metrics=_metrics(spec, student, method, teacher, data, time.perf_counter() - start))
     write_record(record_path(results_dir, spec), record)
+    checkpoint.unlink(missing_ok=True)
     if mirror:
         mirror(record, history)
     return record
 
 
-def _progress(spec: RunSpec, row: dict, log, history: list[dict]) -> None:
-    history.append(row)
-    if log:
-        log(f"  epoch {row['epoch']}/{spec.train.epochs}  loss {row['train_loss']:.4f}  val {row['val_top1']:.1f}%")
+def _progress(spec: RunSpec, log):
+    if log is None:
+        return None
+    return lambda row: log(f"  epoch {row['epoch']}/{spec.train.epochs}  loss {row['train_loss']:.4f}  val {row['val_top1']:.1f}%")
 
 
 def _metrics(spec: RunSpec, student, method, teacher, data: TrackData, train_seconds: float) -> dict:

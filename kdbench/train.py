@@ -76,10 +76,13 @@ def fit(
     cfg: TrainConfig,
     seed: int,
     on_epoch: Callable[[dict], None] | None = None,
+    checkpoint: Path | None = None,
 ) -> list[dict]:
     """Train ``student`` (and the method's extra modules) on ``data.train``; returns per-epoch history.
 
     The teacher stays in eval mode without gradients. The loop never asks which method it runs.
+    With ``checkpoint``, the full training state is saved after every epoch and a run that finds one
+    resumes from it, ending with the same weights as an uninterrupted run.
     """
     torch.manual_seed(seed)
     order = torch.Generator().manual_seed(seed)
@@ -99,9 +102,12 @@ def fit(
         teacher.eval().requires_grad_(False)
     student.train()
     method.train()
-    history = []
+    stateful = {"student": student, "method": method, "optimizer": optimizer, "scheduler": scheduler}
+    if adversary_optimizer is not None:
+        stateful["adversary_optimizer"] = adversary_optimizer
+    history = _resume(checkpoint, stateful, order) if checkpoint is not None and checkpoint.exists() else []
     try:
-        for epoch in range(cfg.epochs):
+        for epoch in range(len(history), cfg.epochs):
             perm = torch.randperm(n, generator=order)
             sums: dict[str, float] = defaultdict(float)
             for i in range(steps_per_epoch):
@@ -126,6 +132,8 @@ def fit(
             row = {"epoch": epoch + 1, **{f"train_{k}": v / steps_per_epoch for k, v in sums.items()}}
             row["val_top1"] = top1(predict(student, data.val), data.val.y)
             history.append(row)
+            if checkpoint is not None:
+                _save_checkpoint(checkpoint, stateful, order, history)
             if on_epoch:
                 on_epoch(row)
     finally:
@@ -133,6 +141,31 @@ def fit(
         if teacher_tapper:
             teacher_tapper.remove()
     return history
+
+
+def _save_checkpoint(path: Path, stateful: dict, order: torch.Generator, history: list[dict]) -> None:
+    """Model, method, optimizer and scheduler states, RNG states and history; written atomically."""
+    state = {name: obj.state_dict() for name, obj in stateful.items()}
+    state.update(rng=torch.get_rng_state(), order=order.get_state(), history=history)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _resume(path: Path, stateful: dict, order: torch.Generator) -> list[dict]:
+    """Restore what ``_save_checkpoint`` wrote (plain tensors and numbers only: ``weights_only=True``)."""
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint is refused the same way
+        raise KdbenchError(f"checkpoint {path} is not a plain training-state file ({type(exc).__name__}); "
+                           "delete it to restart the run") from None
+    for name, obj in stateful.items():
+        obj.load_state_dict(state[name])
+    torch.set_rng_state(state["rng"])
+    order.set_state(state["order"])
+    print(f"resumed from {path} after epoch {len(state['history'])}", file=sys.stderr)
+    return state["history"]
 
 
 def teacher_key(track: str, data: TrackData, teacher: str, cfg: TrainConfig, seed: int) -> str:

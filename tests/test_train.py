@@ -37,3 +37,34 @@ def test_batch_larger_than_data_is_refused():
     with pytest.raises(KdbenchError, match="batch_size 64 exceeds the 32 training samples"):
         fit(create_model("cnn1d_w4"), SupervisedOnly(MethodConfig(), {}, {}), None, tiny_data(),
             TrainConfig(epochs=1, batch_size=64, lr=0.01), 0)
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
+    from kdbench.errors import KdbenchError
+
+    cfg = TrainConfig(epochs=3, batch_size=8, lr=0.01)
+    method = lambda: SupervisedOnly(MethodConfig(), {}, {})  # noqa: E731
+
+    def student():
+        torch.manual_seed(0)
+        return create_model("cnn1d_w4")
+
+    uninterrupted = student()
+    expected = fit(uninterrupted, method(), None, tiny_data(), cfg, seed=3)
+
+    def stop_after_two(row):
+        if row["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    checkpoint = tmp_path / "run.pt"
+    with pytest.raises(KeyboardInterrupt):
+        fit(student(), method(), None, tiny_data(), cfg, seed=3, on_epoch=stop_after_two, checkpoint=checkpoint)
+    resumed = student()  # a fresh process would rebuild the model from scratch
+    history = fit(resumed, method(), None, tiny_data(), cfg, seed=3, checkpoint=checkpoint)
+    assert history == expected
+    for name, value in uninterrupted.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name
+
+    checkpoint.write_bytes(b"not a checkpoint")
+    with pytest.raises(KdbenchError, match="is not a plain training-state file"):
+        fit(student(), method(), None, tiny_data(), cfg, seed=3, checkpoint=checkpoint)
