@@ -20,6 +20,7 @@ EXAMPLES = {
     ),
     "leaderboard": "examples:\n  kdbench leaderboard\n  kdbench leaderboard --check",
     "verify": "examples:\n  kdbench verify results/cpu/mnist1d/cnn1d_w32--cnn1d_w8/vanilla_kd/seed0.json",
+    "sync": "examples:\n  MLFLOW_TRACKING_URI=http://mlflow.example:5000 kdbench sync",
     "ui": "examples:\n  kdbench ui --port 5000",
 }
 
@@ -134,6 +135,16 @@ def cmd_verify(args) -> int:
     return 0 if not mismatches else 1
 
 
+def cmd_sync(args) -> int:
+    from kdbench.records import load_records
+    from kdbench.tracking import sync, tracking_uri
+
+    records = [rec.model_dump(mode="json") for _, rec in load_records(Path(args.results_dir))]
+    logged = sync(records)
+    print(f"{logged} run(s) logged to {tracking_uri()}; {len(records)} record(s) under {args.results_dir}")
+    return 0
+
+
 def cmd_ui(args) -> int:
     from kdbench.tracking import tracking_uri
     from kdbench.train import kdbench_home
@@ -182,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", help="folder with the datasets of full-tier tracks")
     p.add_argument("-v", "--verbose", action="store_true", help="print every epoch")
     p.set_defaults(func=cmd_verify)
+
+    p = add("sync", "log to MLflow the records it does not have yet (after the server was unreachable)")
+    p.add_argument("--results-dir", default="results")
+    p.set_defaults(func=cmd_sync)
 
     p = add("ui", "open the MLflow UI on the local tracking store")
     p.add_argument("--port", type=int, default=5000)

@@ -68,6 +68,7 @@ class Record(pydantic.BaseModel):
     created_at: str
     env: Env
     metrics: Metrics | None
+    history: list[dict] = []  # per-epoch training losses and validation accuracy
 
 
 def record_path(results_dir: Path, spec: RunSpec) -> Path:

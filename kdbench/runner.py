@@ -67,10 +67,11 @@ def run_one(spec: RunSpec, results_dir: Path, data_root: Path | None = None, log
         record.update(status="failed", error=f"diverged: {exc}", metrics=None)
     else:
         record.update(status="finished", metrics=_metrics(spec, student, method, teacher, data, time.perf_counter() - start))
+    record["history"] = history
     write_record(record_path(results_dir, spec), record)
     checkpoint.unlink(missing_ok=True)
     if mirror:
-        mirror(record, history)
+        mirror(record)
     return record
 
 

@@ -7,10 +7,13 @@ written first and a warning says what was not logged.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import warnings
+
+from filelock import FileLock
 
 from kdbench.train import kdbench_home
 
@@ -40,26 +43,61 @@ def _experiment_id(mlflow, name: str) -> str:
     return mlflow.create_experiment(name, artifact_location=artifacts)
 
 
-def log_run(record: dict, history: list[dict]) -> None:
+def record_key(record: dict) -> str:
+    """Identifies one record (one attempt of one run) in the tracking store."""
+    return f"{record['config_sha256'][:16]}-seed{record['seed']}-{record['created_at']}"
+
+
+def log_run(record: dict) -> bool:
     """Log one finished or failed run; warn (never raise) when the tracking store is unreachable."""
     try:
-        _log_run(record, history)
+        with _writer_lock():
+            _log_run(_mlflow(), record)
+        return True
     except Exception as exc:  # noqa: BLE001 - tracking must never lose a run
-        print(f"warning: run not logged to MLflow at {tracking_uri()}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"warning: run not logged to MLflow at {tracking_uri()}: {type(exc).__name__}: {exc}; "
+              "`kdbench sync` logs it later", file=sys.stderr)
+        return False
 
 
-def _log_run(record: dict, history: list[dict]) -> None:
+def sync(records: list[dict]) -> int:
+    """Log the records that the tracking store does not have yet; returns how many were logged."""
+    mlflow = _mlflow()
+    known = set()
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    for run in runs:
+        known.add(run.data.tags.get("record_key"))
+    missing = [r for r in records if record_key(r) not in known]
+    return sum(log_run(r) for r in missing)
+
+
+def _mlflow():
     import mlflow
 
     for name in ("mlflow", "alembic"):  # after the import: mlflow configures its loggers when imported
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", module="mlflow")
-
+    # an unreachable server should cost seconds, not minutes of retries (the user's settings win)
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     kdbench_home().mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(tracking_uri())
+    return mlflow
+
+
+def _writer_lock():
+    """sqlite allows one writer: processes logging to the same sqlite store take turns (a file lock)."""
+    uri = tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        return contextlib.nullcontext()
+    return FileLock(uri.removeprefix("sqlite:///") + ".lock")
+
+
+def _log_run(mlflow, record: dict) -> None:
     experiment_id = _experiment_id(mlflow, f"kdbench-{record['suite']}")
     run_name = f"{record['track']}/{record['student']}/{record['method']}/seed{record['seed']}"
     tags = {
+        "record_key": record_key(record),
         "config_sha256": record["config_sha256"],
         "git_commit": str(record["git_commit"]),
         "method": record["method"],
@@ -68,6 +106,7 @@ def _log_run(record: dict, history: list[dict]) -> None:
         "student": record["student"],
         "status": record["status"],
     }
+    history = record.get("history") or []
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags):
         params = {k: str(v)[:500] for k, v in _flatten(record["config"]).items()}
         params["seed"] = record["seed"]

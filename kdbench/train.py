@@ -191,5 +191,9 @@ def load_or_train_teacher(track: str, data: TrackData, name: str, cfg: TrainConf
             save_file(model.state_dict(), str(tmp))
             os.replace(tmp, path)
             print(f"teacher trained in {time.perf_counter() - start:.1f}s", file=sys.stderr)
-        model.load_state_dict(load_file(str(path)))
+        try:
+            model.load_state_dict(load_file(str(path)))
+        except Exception as exc:  # noqa: BLE001 - a damaged or foreign file is refused, never unpickled
+            raise KdbenchError(f"teacher checkpoint {path} is not a safetensors weights file for {name} "
+                               f"({type(exc).__name__}); delete it and the teacher is retrained") from None
     return model.eval(), key

@@ -68,6 +68,64 @@ def test_unreachable_tracking_server_loses_no_run(tiny_suite, tmp_path, monkeypa
     assert "warning: run not logged to MLflow at http://127.0.0.1:9" in capsys.readouterr().err
 
 
+def test_sync_logs_what_an_unreachable_server_missed(tiny_suite, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    args = ["run", "--suite", str(tiny_suite), "--method", "baseline", "--results-dir", str(tmp_path / "r")]
+    assert main(args) == 0
+    store = f"sqlite:///{tmp_path / 'later.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    assert main(["sync", "--results-dir", str(tmp_path / "r")]) == 0
+    mlflow.set_tracking_uri(store)
+    runs = mlflow.search_runs(search_all_experiments=True)
+    assert len(runs) == 2 and set(runs["tags.method"]) == {"baseline"}
+    assert len(mlflow.MlflowClient().get_metric_history(runs["run_id"].iloc[0], "val_top1")) == 2  # curves too
+    assert main(["sync", "--results-dir", str(tmp_path / "r")]) == 0
+    assert len(mlflow.search_runs(search_all_experiments=True)) == 2  # nothing logged twice
+
+
+def _log_fake_runs(uri: str, worker: int, count: int) -> None:
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    from kdbench.tracking import log_run
+
+    for i in range(count):
+        record = {"suite": "parallel", "track": "t", "teacher": "a", "student": "b", "method": "m", "seed": i,
+                  "config_sha256": f"{worker:064d}", "git_commit": None, "status": "finished",
+                  "created_at": f"w{worker}", "config": {"x": 1}, "metrics": {"test_top1": 1.0},
+                  "history": [{"epoch": 1, "val_top1": 1.0}]}
+        assert log_run(record)
+
+
+def test_parallel_writers_to_one_sqlite_store_lose_no_run(tmp_path):
+    import multiprocessing
+
+    uri = f"sqlite:///{tmp_path / 'shared.db'}"
+    ctx = multiprocessing.get_context("spawn")
+    workers = [ctx.Process(target=_log_fake_runs, args=(uri, w, 4)) for w in range(3)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=300)
+    assert [w.exitcode for w in workers] == [0, 0, 0]
+    mlflow.set_tracking_uri(uri)
+    assert len(mlflow.search_runs(search_all_experiments=True)) == 12
+
+
+def test_teacher_file_that_is_not_safetensors_is_refused(tiny_suite, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("KDBENCH_HOME", str(tmp_path / "home"))
+    args = ["run", "--suite", str(tiny_suite), "--method", "baseline", "--seeds", "0", "--results-dir", str(tmp_path / "r")]
+    assert main(args) == 0
+    (teacher,) = (tmp_path / "home" / "teachers").glob("*.safetensors")
+    import pickle
+
+    teacher.write_bytes(pickle.dumps({"weights": "from elsewhere"}))
+    capsys.readouterr()
+    assert main([*args, "--force"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"teacher checkpoint {teacher} is not a safetensors weights file" in err.splitlines()[-1]
+    assert "Traceback" not in err
+
+
 @pytest.mark.parametrize("damage", ["truncate", "wrong_type", "missing_field"])
 def test_damaged_record_is_refused_by_name(damage, tiny_suite, tmp_path, capsys):
     results = tmp_path / "r"
