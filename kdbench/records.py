@@ -96,13 +96,16 @@ def environment(threads: int) -> dict:
     }
 
 
+GENERATED = (":!results", ":!leaderboard.md")  # outputs of runs: changing them does not make the code dirty
+
+
 def git_state() -> tuple[str | None, bool | None]:
     """(commit, dirty) of the checkout kdbench runs from; (None, None) outside git."""
     root = Path(__file__).resolve().parents[1]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
-                               text=True, check=True).stdout.strip() != ""
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *GENERATED],
+                               cwd=root, capture_output=True, text=True, check=True).stdout.strip() != ""
         return commit, dirty
     except (OSError, subprocess.CalledProcessError):
         return None, None
