@@ -66,7 +66,7 @@ def cmd_list(args) -> int:
 
 def cmd_run(args) -> int:
     from kdbench.records import load_record, record_path
-    from kdbench.runner import run_one
+    from kdbench.runner import preflight, run_one
     from kdbench.suite import expand, load_suite, parse_seeds
 
     suite = load_suite(args.suite)
@@ -74,6 +74,8 @@ def cmd_run(args) -> int:
     specs = expand(suite, _split_list(args.method), _split_list(args.track), _split_list(args.pair), seeds)
     if args.data_root and not Path(args.data_root).is_dir():
         raise KdbenchError(f"--data-root {args.data_root} is not a folder")
+    data_root = Path(args.data_root) if args.data_root else None
+    preflight(specs, data_root)
     results_dir = Path(args.results_dir)
     log = (lambda msg: print(msg, file=sys.stderr, flush=True))
     started, summary = time.perf_counter(), []
@@ -86,7 +88,7 @@ def cmd_run(args) -> int:
             summary.append((spec.label(), "skipped", ""))
             continue
         log(f"[{i}/{len(specs)}] {spec.label()}{eta}")
-        record = run_one(spec, results_dir, Path(args.data_root) if args.data_root else None, log if args.verbose else None)
+        record = run_one(spec, results_dir, data_root, log if args.verbose else None)
         top1 = record["metrics"]["test_top1"] if record["metrics"] else None
         log(f"    {record['status']}: test top-1 {top1:.2f}%" if top1 is not None else f"    {record['status']}: {record['error']}")
         summary.append((spec.label(), record["status"], f"{top1:.2f}" if top1 is not None else record["error"]))

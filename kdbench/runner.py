@@ -33,13 +33,9 @@ def run_one(spec: RunSpec, results_dir: Path, data_root: Path | None = None, log
     data = _track_data(spec.track, data_root)
     config = spec.config(data.description)
     teacher, teacher_key = load_or_train_teacher(spec.track, data, spec.teacher, spec.teacher_train, spec.teacher_seed)
-    method_cls = METHODS.get(spec.method)
-    method_config = method_cls.Config(**spec.method_config)
     torch.manual_seed(spec.seed)
     student = create_model(spec.student, data.num_classes, data.in_shape)
-    student_taps, teacher_taps = method_cls.taps(method_config)
-    sample = data.train.x[:2]
-    method = method_cls(method_config, probe_shapes(student, student_taps, sample), probe_shapes(teacher, teacher_taps, sample))
+    method = _build_method(spec, data, student, teacher)
     commit, dirty = git_state()
     record = {
         "schema_version": 1,
@@ -73,6 +69,23 @@ def run_one(spec: RunSpec, results_dir: Path, data_root: Path | None = None, log
     if mirror:
         mirror(record)
     return record
+
+
+def _build_method(spec: RunSpec, data: TrackData, student, teacher):
+    """The run's method, its extra modules shaped by one dry forward pass of each model."""
+    cls = METHODS.get(spec.method)
+    config = cls.Config(**spec.method_config)
+    student_taps, teacher_taps = cls.taps(config)
+    sample = data.train.x[:2]
+    return cls(config, probe_shapes(student, student_taps, sample), probe_shapes(teacher, teacher_taps, sample))
+
+
+def preflight(specs: list[RunSpec], data_root: Path | None = None) -> None:
+    """Build every run's method on untrained models, so a bad tap or shape fails before anything trains."""
+    for spec in {(s.track, s.teacher, s.student, s.method, repr(s.method_config)): s for s in specs}.values():
+        data = _track_data(spec.track, data_root)
+        models = [create_model(name, data.num_classes, data.in_shape) for name in (spec.student, spec.teacher)]
+        _build_method(spec, data, *models)
 
 
 def _progress(spec: RunSpec, log):

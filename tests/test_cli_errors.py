@@ -72,3 +72,16 @@ def test_ui_opens_mlflow_on_the_local_store(monkeypatch, isolated_home):
     assert argv[1:4] == ["-m", "mlflow", "ui"]
     assert argv[argv.index("--backend-store-uri") + 1] == f"sqlite:///{isolated_home / 'mlflow.db'}"
     assert "5123" in argv
+
+
+def test_tap_the_model_lacks_is_named_before_training(capsys, tiny_suite, tmp_path):
+    tiny_suite.write_text(tiny_suite.read_text().replace("vanilla_kd: {}", "fitnets: {stages: [7]}"))
+    code, err = _run(capsys, "run", "--suite", str(tiny_suite), "--method", "fitnets", "--seeds", "0",
+                     "--results-dir", str(tmp_path))
+    assert code == 2 and err.startswith("kdbench: error: tap 'stage:7'")  # before any line of progress
+    assert len(err.splitlines()) == 1 and not list(tmp_path.rglob("*.json"))
+
+
+def test_missing_data_root_is_named(capsys, tmp_path):
+    code, err = _run(capsys, "run", "--data-root", str(tmp_path / "nowhere"))
+    assert code == 2 and f"--data-root {tmp_path / 'nowhere'} is not a folder" in err
