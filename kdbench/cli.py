@@ -148,13 +148,12 @@ def cmd_sync(args) -> int:
 
 
 def cmd_ui(args) -> int:
-    from kdbench.tracking import tracking_uri
-    from kdbench.train import kdbench_home
+    from kdbench.tracking import local_artifacts_uri, local_store_uri, tracking_uri
 
     uri = tracking_uri()
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--port", str(args.port)]
-    if "MLFLOW_TRACKING_URI" not in os.environ:
-        cmd += ["--default-artifact-root", (kdbench_home() / "mlartifacts").as_uri()]
+    if uri == local_store_uri():
+        cmd += ["--default-artifact-root", local_artifacts_uri()]
     print(f"MLflow UI on http://127.0.0.1:{args.port} for {uri}", file=sys.stderr)
     os.execv(sys.executable, cmd)
 

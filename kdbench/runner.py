@@ -10,7 +10,6 @@ from pathlib import Path
 import torch
 
 from kdbench.config import RunSpec, sha256_of
-from kdbench.errors import KdbenchError
 from kdbench.features import probe_shapes
 from kdbench.measure import cost_metrics, predict, top1
 from kdbench.method import METHODS

@@ -18,8 +18,16 @@ from filelock import FileLock
 from kdbench.train import kdbench_home
 
 
+def local_store_uri() -> str:
+    return f"sqlite:///{kdbench_home() / 'mlflow.db'}"
+
+
+def local_artifacts_uri() -> str:
+    return (kdbench_home() / "mlartifacts").as_uri()
+
+
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{kdbench_home() / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or local_store_uri()
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -37,9 +45,8 @@ def _experiment_id(mlflow, name: str) -> str:
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    artifacts = None
-    if "MLFLOW_TRACKING_URI" not in os.environ:
-        artifacts = (kdbench_home() / "mlartifacts").as_uri()
+    # (mlflow.set_tracking_uri also sets MLFLOW_TRACKING_URI, so compare URIs rather than look at the variable)
+    artifacts = local_artifacts_uri() if tracking_uri() == local_store_uri() else None
     return mlflow.create_experiment(name, artifact_location=artifacts)
 
 

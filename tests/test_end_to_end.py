@@ -43,6 +43,17 @@ def test_records_have_every_field(finished_run):
     assert hashes["baseline"] != hashes["vanilla_kd"]
 
 
+def test_local_store_keeps_artifacts_in_kdbench_home(tiny_suite, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.setenv("KDBENCH_HOME", str(tmp_path / "home"))
+    args = ["run", "--suite", str(tiny_suite), "--method", "baseline", "--seeds", "0", "--results-dir", str(tmp_path)]
+    assert main(args) == 0
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}")
+    (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert run.info.artifact_uri.startswith((tmp_path / "home" / "mlartifacts").as_uri())
+    assert list((tmp_path / "home" / "mlartifacts").rglob("record.json"))
+
+
 def test_every_run_is_in_mlflow(finished_run):
     mlflow.set_tracking_uri(f"sqlite:///{finished_run / 'mlflow.db'}")
     runs = mlflow.search_runs(search_all_experiments=True)
