@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -110,9 +109,3 @@ def _metrics(spec: RunSpec, student, method, teacher, data: TrackData, train_sec
         "epochs": spec.train.epochs,
         **{f"teacher_{k}": v for k, v in teacher_cost.items() if k != "throughput_batch"},
     }
-
-
-def stderr_log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
