@@ -91,3 +91,23 @@ def load_mnist1d(data_root: Path | None = None) -> TrackData:
         "val_seed": VAL_SEED,
     }
     return TrackData(train, val, test, num_classes=10, in_shape=tuple(train.x.shape[1:]), description=description)
+
+
+DIGITS_TEST_FRACTION = 0.2
+DIGITS_VAL_FRACTION = 0.2
+
+
+@register_track("digits", tier="cpu", summary="scikit-learn's bundled 8×8 digits, stratified 1077/360/360, no download")
+def load_digits(data_root: Path | None = None) -> TrackData:
+    """scikit-learn's digits (1797 images, 8×8, values 0–16, scaled to [0, 1]), with fixed stratified
+    train / validation / test splits (60 / 20 / 20 %)."""
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    x, y = sklearn_digits(return_X_y=True)
+    x = (x / 16.0).reshape(-1, 1, 8, 8)
+    x_rest, x_test, y_rest, y_test = train_test_split(x, y, test_size=DIGITS_TEST_FRACTION, stratify=y,
+                                                      random_state=VAL_SEED)
+    train, val = carve_validation(x_rest, y_rest, DIGITS_VAL_FRACTION / (1 - DIGITS_TEST_FRACTION))
+    description = {"source": "sklearn.datasets.load_digits", "scale": "x / 16", "test_fraction": DIGITS_TEST_FRACTION,
+                   "val_fraction": DIGITS_VAL_FRACTION, "split_seed": VAL_SEED}
+    return TrackData(train, val, _split(x_test, y_test), num_classes=10, in_shape=(1, 8, 8), description=description)

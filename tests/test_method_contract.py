@@ -93,3 +93,21 @@ def test_every_method_documents_itself(name):
     doc = sys.modules[cls.__module__].__doc__ or ""
     assert "Deviations:" in doc, f"{name}: the module docstring must list deviations"
     assert isinstance(cls.version, int) and cls.version >= 1
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS.names()])
+def test_one_step_on_2d_feature_maps(method):
+    """Every method also runs on the 2-D pair of the digits track (spatial attention, 2-D hints)."""
+    torch.manual_seed(0)
+    teacher, student = create_model("cnn2d_w8"), create_model("cnn2d_w4")
+    x, y = torch.rand(8, 1, 8, 8), torch.arange(8) % 10
+    cls = METHODS.get(method)
+    config = cls.Config()
+    s_taps, t_taps = cls.taps(config)
+    m = cls(config, probe_shapes(student, s_taps, x), probe_shapes(teacher, t_taps, x))
+    t_out = FeatureTaps(teacher.eval(), t_taps)(x) if cls.needs_teacher else None
+    terms = m.loss(FeatureTaps(student, s_taps)(x), t_out, y, 0.0)
+    total = sum(terms.values())
+    assert torch.isfinite(total)
+    total.backward()
+    assert all(p.grad is not None for p in student.parameters())

@@ -29,3 +29,15 @@ def test_cost_metrics_fields():
 
 def test_top1():
     assert top1(torch.tensor([1, 2, 3, 4]), torch.tensor([1, 2, 0, 0])) == 50.0
+
+
+def test_digits_splits_and_2d_models():
+    from kdbench.features import probe_shapes
+    from kdbench.models import create_model
+
+    data = load_track("digits")
+    assert (len(data.train), len(data.val), len(data.test)) == (1077, 360, 360)
+    assert data.in_shape == (1, 8, 8) and 0 <= data.train.x.min() and data.train.x.max() <= 1
+    assert torch.bincount(data.test.y).min() >= 35  # stratified: ~36 per class
+    shapes = probe_shapes(create_model("cnn2d_w4"), ["stage:0", "stage:1", "stage:2"], data.train.x)
+    assert shapes == {"logits": (10,), "stage:0": (4, 8, 8), "stage:1": (4, 4, 4), "stage:2": (4, 2, 2)}
