@@ -65,8 +65,7 @@ def cmd_list(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from kdbench.records import load_record, record_path
-    from kdbench.runner import preflight, run_one
+    from kdbench.runner import is_finished, preflight, run_one
     from kdbench.suite import expand, load_suite, parse_seeds
 
     suite = load_suite(args.suite)
@@ -78,37 +77,24 @@ def cmd_run(args) -> int:
     preflight(specs, data_root)
     results_dir = Path(args.results_dir)
     log = (lambda msg: print(msg, file=sys.stderr, flush=True))
+    todo = [s for s in specs if args.force or not is_finished(results_dir, s)]
     started, summary = time.perf_counter(), []
-    for i, spec in enumerate(specs, 1):
-        path = record_path(results_dir, spec)
-        elapsed = time.perf_counter() - started
-        eta = f", ETA {elapsed / (i - 1) * (len(specs) - i + 1):.0f}s" if i > 1 else ""
-        if not args.force and _is_finished(path, spec, load_record):
-            log(f"[{i}/{len(specs)}] {spec.label()}: finished record exists, skipped (--force redoes it)")
+    for spec in specs:
+        if spec not in todo:
+            log(f"skipped {spec.label()}: a finished record with this config exists (--force redoes it)")
             summary.append((spec.label(), "skipped", ""))
             continue
-        log(f"[{i}/{len(specs)}] {spec.label()}{eta}")
+        done = len(summary) - (len(specs) - len(todo))  # runs trained so far
+        elapsed = time.perf_counter() - started
+        eta = f", ETA {elapsed / done * (len(todo) - done):.0f}s" if done else ""
+        log(f"[{done + 1}/{len(todo)}] {spec.label()}{eta}")
         record = run_one(spec, results_dir, data_root, log if args.verbose else None)
         top1 = record["metrics"]["test_top1"] if record["metrics"] else None
         log(f"    {record['status']}: test top-1 {top1:.2f}%" if top1 is not None else f"    {record['status']}: {record['error']}")
         summary.append((spec.label(), record["status"], f"{top1:.2f}" if top1 is not None else record["error"]))
     print(tabulate(summary, headers=["run", "status", "test top-1 %"], tablefmt="simple", disable_numparse=True))
-    print(f"{len(specs)} runs in {time.perf_counter() - started:.1f}s; records under {results_dir}")
+    print(f"{len(todo)} of {len(specs)} runs trained in {time.perf_counter() - started:.1f}s; records under {results_dir}")
     return 0
-
-
-def _is_finished(path: Path, spec, load_record) -> bool:
-    if not path.exists():
-        return False
-    try:
-        record = load_record(path)
-    except KdbenchError:
-        return False
-    return record.status == "finished" and record.method_version == spec.method_version and record.config == _config_of(spec, record)
-
-
-def _config_of(spec, record) -> dict:
-    return spec.config(record.config.get("data", {}))
 
 
 def cmd_leaderboard(args) -> int:

@@ -13,7 +13,8 @@ from kdbench.features import probe_shapes
 from kdbench.measure import cost_metrics, predict, top1
 from kdbench.method import METHODS
 from kdbench.models import count_params, create_model
-from kdbench.records import environment, git_state, now_iso, record_path, write_record
+from kdbench.errors import KdbenchError
+from kdbench.records import environment, git_state, load_record, now_iso, record_path, write_record
 from kdbench.tracking import log_run
 from kdbench.tracks import TrackData, load_track
 from kdbench.train import DivergedError, fit, kdbench_home, load_or_train_teacher
@@ -67,6 +68,18 @@ def run_one(spec: RunSpec, results_dir: Path, data_root: Path | None = None, log
     if mirror:
         mirror(record)
     return record
+
+
+def is_finished(results_dir: Path, spec: RunSpec) -> bool:
+    """Whether a finished record of this exact config (method version included) already exists."""
+    path = record_path(results_dir, spec)
+    if not path.exists():
+        return False
+    try:
+        record = load_record(path)
+    except KdbenchError:
+        return False  # a damaged record is redone
+    return record.status == "finished" and record.config == spec.config(record.config.get("data", {}))
 
 
 def _build_method(spec: RunSpec, data: TrackData, student, teacher):
