@@ -71,10 +71,8 @@ def cmd_run(args) -> int:
     suite = load_suite(args.suite)
     seeds = parse_seeds(args.seeds) if args.seeds else None
     specs = expand(suite, _split_list(args.method), _split_list(args.track), _split_list(args.pair), seeds)
-    if args.data_root and not Path(args.data_root).is_dir():
-        raise KdbenchError(f"--data-root {args.data_root} is not a folder")
-    data_root = Path(args.data_root) if args.data_root else None
-    preflight(specs, data_root)
+    ctx = _context(args, suite.tier)
+    preflight(specs, ctx)
     results_dir = Path(args.results_dir)
     log = (lambda msg: print(msg, file=sys.stderr, flush=True))
     todo = [s for s in specs if args.force or not is_finished(results_dir, s)]
@@ -88,13 +86,30 @@ def cmd_run(args) -> int:
         elapsed = time.perf_counter() - started
         eta = f", ETA {elapsed / done * (len(todo) - done):.0f}s" if done else ""
         log(f"[{done + 1}/{len(todo)}] {spec.label()}{eta}")
-        record = run_one(spec, results_dir, data_root, log if args.verbose else None)
+        record = run_one(spec, results_dir, ctx, log if args.verbose else None)
         top1 = record["metrics"]["test_top1"] if record["metrics"] else None
         log(f"    {record['status']}: test top-1 {top1:.2f}%" if top1 is not None else f"    {record['status']}: {record['error']}")
         summary.append((spec.label(), record["status"], f"{top1:.2f}" if top1 is not None else record["error"]))
     print(tabulate(summary, headers=["run", "status", "test top-1 %"], tablefmt="simple", disable_numparse=True))
     print(f"{len(todo)} of {len(specs)} runs trained in {time.perf_counter() - started:.1f}s; records under {results_dir}")
     return 0
+
+
+def _context(args, tier: str):
+    """Data root, download flag and device from the command line; ``auto`` takes the GPU for GPU-tier suites only,
+    so CPU-tier results stay bit-exact on any machine."""
+    import torch
+
+    from kdbench.runner import Context
+
+    if args.data_root and not Path(args.data_root).is_dir():
+        raise KdbenchError(f"--data-root {args.data_root} is not a folder")
+    device = args.device
+    if device == "auto":
+        device = "cuda" if tier == "gpu" and torch.cuda.is_available() else "cpu"
+    elif device.startswith("cuda") and not torch.cuda.is_available():
+        raise KdbenchError(f"--device {device}: this machine has no CUDA GPU; use --device cpu")
+    return Context(Path(args.data_root) if args.data_root else None, getattr(args, "download", False), device)
 
 
 def cmd_leaderboard(args) -> int:
@@ -115,7 +130,7 @@ def cmd_verify(args) -> int:
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if args.verbose else None
     record = load_record(Path(args.record))
     print(f"re-running {record.track} {record.method} seed {record.seed} from {args.record} …", file=sys.stderr, flush=True)
-    rows = verify(Path(args.record), Path(args.data_root) if args.data_root else None, log)
+    rows = verify(Path(args.record), _context(args, "gpu" if record.env.gpu else "cpu"), log)
     table = [(name, old, new, "match" if ok else "MISMATCH") for name, old, new, ok in rows]
     print(tabulate(table, headers=["metric", "recorded", "re-run", ""], tablefmt="simple", disable_numparse=True))
     mismatches = sum(not ok for *_, ok in rows)
@@ -164,7 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pair", action="append", help="only these pairs, as teacher:student")
     p.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2 (default: the suite's)")
     p.add_argument("--results-dir", default="results", help="where records go (default: results)")
-    p.add_argument("--data-root", help="folder with the datasets of full-tier tracks")
+    p.add_argument("--data-root", help="folder with the datasets of full-tier tracks (see README, Full tier)")
+    p.add_argument("--download", action="store_true", help="download a missing dataset where the track can (CIFAR)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default auto: cuda for GPU-tier suites "
+                   "when one is present, else cpu)")
     p.add_argument("--force", action="store_true", help="redo runs that already have a finished record")
     p.add_argument("-v", "--verbose", action="store_true", help="print every epoch")
     p.set_defaults(func=cmd_run)
@@ -178,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("verify", "re-run a record's config and seed; compare accuracy and agreement exactly (exit 1 on mismatch)")
     p.add_argument("record", help="path of a run record (JSON)")
     p.add_argument("--data-root", help="folder with the datasets of full-tier tracks")
+    p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default auto: where the record was made)")
     p.add_argument("-v", "--verbose", action="store_true", help="print every epoch")
     p.set_defaults(func=cmd_verify)
 

@@ -57,6 +57,7 @@ class RunSpec:
     teacher_train: TrainConfig
     teacher_seed: int
     measure: MeasureConfig
+    limit: tuple[tuple[str, int], ...] = ()  # smoke runs: at most this many samples per split
 
     @property
     def pair(self) -> str:
@@ -95,6 +96,7 @@ class RunSpec:
             teacher_train=TrainConfig(**c["teacher_train"]),
             teacher_seed=c["teacher_seed"],
             measure=MeasureConfig(**c["measure"]),
+            limit=tuple(sorted(c["data"].get("limit", {}).items())),
         )
 
     def label(self) -> str:

@@ -17,10 +17,8 @@ logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 from torch.utils import benchmark  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode
 
-from kdbench.models import count_params
+from kdbench.models import count_params, model_device
 from kdbench.tracks import Split
-
-EVAL_BATCH = 1000
 
 
 @torch.inference_mode()
@@ -28,7 +26,8 @@ def predict(model: nn.Module, split: Split) -> torch.Tensor:
     """Top-1 predicted class of every sample, in eval mode."""
     was_training = model.training
     model.eval()
-    preds = torch.cat([model(split.x[i : i + EVAL_BATCH]).argmax(1) for i in range(0, len(split), EVAL_BATCH)])
+    device = model_device(model)
+    preds = torch.cat([model(x.to(device)).argmax(1).cpu() for x, _ in split.batches(split.eval_batch)])
     model.train(was_training)
     return preds
 
@@ -37,17 +36,18 @@ def top1(preds: torch.Tensor, target: torch.Tensor) -> float:
     return 100.0 * (preds == target).double().mean().item()
 
 
-def flops_per_sample(model: nn.Module, in_shape: tuple[int, ...]) -> int:
+def flops_per_sample(model: nn.Module, sample: torch.Tensor) -> int:
+    """FLOPs of one forward pass on ``sample`` (one input, with its batch dimension of 1)."""
     model.eval()
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        model(torch.zeros(1, *in_shape))
+        model(sample.to(model_device(model)))
     return int(counter.get_total_flops())
 
 
-def latency(model: nn.Module, in_shape: tuple[int, ...], batch: int, threads: int, min_run_time: float) -> tuple[float, float]:
-    """(median, IQR) in milliseconds of one forward pass at ``batch``."""
+def latency(model: nn.Module, sample: torch.Tensor, batch: int, threads: int, min_run_time: float) -> tuple[float, float]:
+    """(median, IQR) in milliseconds of one forward pass on ``sample`` repeated to ``batch`` inputs."""
     model.eval()
-    x = torch.randn(batch, *in_shape)
+    x = sample.expand(batch, *sample.shape[1:]).contiguous().to(model_device(model))
     with torch.inference_mode():
         model(x)  # warm-up outside the timed blocks
         timer = benchmark.Timer(stmt="model(x)", globals={"model": model, "x": x}, num_threads=threads)
@@ -55,13 +55,14 @@ def latency(model: nn.Module, in_shape: tuple[int, ...], batch: int, threads: in
     return m.median * 1e3, m.iqr * 1e3
 
 
-def cost_metrics(model: nn.Module, in_shape: tuple[int, ...], threads: int, throughput_batch: int, min_run_time: float) -> dict:
-    """Size and speed of one model: params, FLOPs, batch-1 latency, batch-N throughput."""
-    median_ms, iqr_ms = latency(model, in_shape, 1, threads, min_run_time)
-    batch_ms, _ = latency(model, in_shape, throughput_batch, threads, min_run_time)
+def cost_metrics(model: nn.Module, sample: torch.Tensor, threads: int, throughput_batch: int, min_run_time: float) -> dict:
+    """Size and speed of one model on a real input ``sample`` (batch of 1): params, FLOPs, batch-1 latency,
+    batch-N throughput, on the device the model is on."""
+    median_ms, iqr_ms = latency(model, sample, 1, threads, min_run_time)
+    batch_ms, _ = latency(model, sample, throughput_batch, threads, min_run_time)
     return {
         "params": count_params(model),
-        "flops": flops_per_sample(model, in_shape),
+        "flops": flops_per_sample(model, sample),
         "latency_b1_ms": median_ms,
         "latency_b1_iqr_ms": iqr_ms,
         "throughput_bN": throughput_batch / (batch_ms / 1e3),

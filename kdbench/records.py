@@ -85,13 +85,15 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def environment(threads: int) -> dict:
+def environment(threads: int, device: str = "cpu") -> dict:
+    """Where the run computed; ``gpu`` names the GPU only when the run used one."""
+    on_gpu = torch.device(device).type == "cuda"
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "platform": platform.platform(),
         "cpu": _cpu_name(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "gpu": torch.cuda.get_device_name(torch.device(device)) if on_gpu else None,
         "threads": threads,
     }
 

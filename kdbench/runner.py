@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import time
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -12,7 +14,7 @@ from kdbench.config import RunSpec, sha256_of
 from kdbench.features import probe_shapes
 from kdbench.measure import cost_metrics, predict, top1
 from kdbench.method import METHODS
-from kdbench.models import count_params, create_model
+from kdbench.models import count_params, create_model, model_device
 from kdbench.errors import KdbenchError
 from kdbench.records import environment, git_state, load_record, now_iso, record_path, write_record
 from kdbench.tracking import log_run
@@ -20,21 +22,35 @@ from kdbench.tracks import TrackData, load_track
 from kdbench.train import DivergedError, fit, kdbench_home, load_or_train_teacher
 
 
+@dataclass(frozen=True)
+class Context:
+    """Where a run finds its data and where it computes; none of it changes what the run's config is."""
+
+    data_root: Path | None = None
+    download: bool = False  # fetch a dataset that is missing (only when the user asks)
+    device: str = "cpu"
+
+
 @lru_cache(maxsize=4)
-def _track_data(track: str, data_root: Path | None) -> TrackData:
-    return load_track(track, data_root)
+def _loaded(track: str, data_root: Path | None, download: bool) -> TrackData:
+    return load_track(track, data_root, download)
 
 
-def run_one(spec: RunSpec, results_dir: Path, data_root: Path | None = None, log=None, mirror=log_run) -> dict:
+def track_data(spec: RunSpec, ctx: Context) -> TrackData:
+    return _loaded(spec.track, ctx.data_root, ctx.download).limited(dict(spec.limit))
+
+
+def run_one(spec: RunSpec, results_dir: Path, ctx: Context = Context(), log=None, mirror=log_run) -> dict:
     """Train and measure one run, write its record (also when it diverges) and mirror it (MLflow by default)."""
     torch.set_num_threads(spec.measure.threads)
-    torch.use_deterministic_algorithms(True)
-    data = _track_data(spec.track, data_root)
+    deterministic(ctx.device)
+    data = track_data(spec, ctx)
     config = spec.config(data.description)
-    teacher, teacher_key = load_or_train_teacher(spec.track, data, spec.teacher, spec.teacher_train, spec.teacher_seed)
+    teacher, teacher_key = load_or_train_teacher(spec.track, data, spec.teacher, spec.teacher_train, spec.teacher_seed,
+                                                 ctx.device)
     torch.manual_seed(spec.seed)
-    student = create_model(spec.student, data.num_classes, data.in_shape)
-    method = _build_method(spec, data, student, teacher)
+    student = create_model(spec.student, data.num_classes, data.in_shape).to(ctx.device)
+    method = _build_method(spec, data, student, teacher).to(ctx.device)
     commit, dirty = git_state()
     record = {
         "schema_version": 1,
@@ -51,7 +67,7 @@ def run_one(spec: RunSpec, results_dir: Path, data_root: Path | None = None, log
         "git_commit": commit,
         "git_dirty": dirty,
         "created_at": now_iso(),
-        "env": environment(spec.measure.threads),
+        "env": environment(spec.measure.threads, ctx.device),
     }
     checkpoint = kdbench_home() / "checkpoints" / f"{spec.track}-{record['config_sha256'][:16]}-seed{spec.seed}.pt"
     start = time.perf_counter()
@@ -87,14 +103,21 @@ def _build_method(spec: RunSpec, data: TrackData, student, teacher):
     cls = METHODS.get(spec.method)
     config = cls.Config(**spec.method_config)
     student_taps, teacher_taps = cls.taps(config)
-    sample = data.train.x[:2]
+    sample = data.train.sample(2).to(model_device(student))
     return cls(config, probe_shapes(student, student_taps, sample), probe_shapes(teacher, teacher_taps, sample))
 
 
-def preflight(specs: list[RunSpec], data_root: Path | None = None) -> None:
+def deterministic(device: str) -> None:
+    """Deterministic kernels: bit-exact on CPU; on CUDA cuBLAS needs a fixed workspace, and ops without a
+    deterministic kernel warn instead of failing."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=torch.device(device).type != "cpu")
+
+
+def preflight(specs: list[RunSpec], ctx: Context = Context()) -> None:
     """Build every run's method on untrained models, so a bad tap or shape fails before anything trains."""
     for spec in {(s.track, s.teacher, s.student, s.method, repr(s.method_config)): s for s in specs}.values():
-        data = _track_data(spec.track, data_root)
+        data = track_data(spec, ctx)
         models = [create_model(name, data.num_classes, data.in_shape) for name in (spec.student, spec.teacher)]
         _build_method(spec, data, *models)
 
@@ -109,8 +132,9 @@ def _metrics(spec: RunSpec, student, method, teacher, data: TrackData, train_sec
     m = spec.measure
     preds = predict(student, data.test)
     teacher_preds = predict(teacher, data.test)
-    student_cost = cost_metrics(student, data.in_shape, m.threads, m.throughput_batch, m.min_run_time)
-    teacher_cost = cost_metrics(teacher, data.in_shape, m.threads, m.throughput_batch, m.min_run_time)
+    sample = data.test.sample(1)
+    student_cost = cost_metrics(student, sample, m.threads, m.throughput_batch, m.min_run_time)
+    teacher_cost = cost_metrics(teacher, sample, m.threads, m.throughput_batch, m.min_run_time)
     return {
         "test_top1": top1(preds, data.test.y),
         "val_top1": top1(predict(student, data.val), data.val.y),

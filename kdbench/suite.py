@@ -6,10 +6,11 @@ Merging is strict: an unknown key or a wrong type names the key and the file.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import pydantic
 import yaml
-from pydantic import Field
+from pydantic import Field, PositiveInt
 
 from kdbench.config import STRICT, MeasureConfig, RunSpec, TrainConfig
 from kdbench.errors import KdbenchError
@@ -34,6 +35,7 @@ class TrackSpec(pydantic.BaseModel):
     teacher_train: TrainConfig
     teacher_seed: int = 0
     methods: dict[str, dict] = {}  # per-track hyperparameter overrides, on top of the suite's
+    limit: dict[Literal["train", "val", "test"], PositiveInt] = {}  # smoke suites: at most N samples per split
 
 
 class Suite(pydantic.BaseModel):
@@ -142,6 +144,7 @@ def expand(
                             teacher_train=tspec.teacher_train,
                             teacher_seed=tspec.teacher_seed,
                             measure=suite.measure,
+                            limit=tuple(sorted(tspec.limit.items())),
                         )
                     )
     return specs

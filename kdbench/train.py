@@ -19,7 +19,7 @@ from kdbench.errors import KdbenchError
 from kdbench.features import FeatureTaps
 from kdbench.measure import predict, top1
 from kdbench.method import Method, MethodConfig, SupervisedOnly
-from kdbench.models import create_model
+from kdbench.models import create_model, model_device
 from kdbench.tracks import TrackData
 
 TEACHER_FORMAT = 2  # bump when teacher training code changes what it produces (2: seeded initial weights)
@@ -86,6 +86,7 @@ def fit(
     """
     torch.manual_seed(seed)
     order = torch.Generator().manual_seed(seed)
+    device = model_device(student)
     n = len(data.train)
     steps_per_epoch = n // cfg.batch_size
     if steps_per_epoch == 0:
@@ -108,11 +109,9 @@ def fit(
     history = _resume(checkpoint, stateful, order) if checkpoint is not None and checkpoint.exists() else []
     try:
         for epoch in range(len(history), cfg.epochs):
-            perm = torch.randperm(n, generator=order)
             sums: dict[str, float] = defaultdict(float)
-            for i in range(steps_per_epoch):
-                idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
-                x, y = data.train.x[idx], data.train.y[idx]
+            for i, (x, y) in enumerate(data.train.batches(cfg.batch_size, order, train=True)):
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 step = epoch * steps_per_epoch + i
                 progress = step / total_steps
                 with torch.no_grad():
@@ -156,7 +155,7 @@ def _save_checkpoint(path: Path, stateful: dict, order: torch.Generator, history
 def _resume(path: Path, stateful: dict, order: torch.Generator) -> list[dict]:
     """Restore what ``_save_checkpoint`` wrote (plain tensors and numbers only: ``weights_only=True``)."""
     try:
-        state = torch.load(path, weights_only=True)
+        state = torch.load(path, weights_only=True, map_location=model_device(stateful["student"]))
     except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint is refused the same way
         raise KdbenchError(f"checkpoint {path} is not a plain training-state file ({type(exc).__name__}); "
                            "delete it to restart the run") from None
@@ -175,24 +174,25 @@ def teacher_key(track: str, data: TrackData, teacher: str, cfg: TrainConfig, see
     )
 
 
-def load_or_train_teacher(track: str, data: TrackData, name: str, cfg: TrainConfig, seed: int) -> tuple[nn.Module, str]:
+def load_or_train_teacher(track: str, data: TrackData, name: str, cfg: TrainConfig, seed: int,
+                          device: torch.device | str = "cpu") -> tuple[nn.Module, str]:
     """The teacher for (track, teacher config), trained once and cached as safetensors; (model, key)."""
     key = teacher_key(track, data, name, cfg, seed)
     path = kdbench_home() / "teachers" / f"{track}-{name}-{key[:16]}.safetensors"
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)  # the initial weights, too, come from the teacher's own seed
-    model = create_model(name, data.num_classes, data.in_shape)
+    model = create_model(name, data.num_classes, data.in_shape).to(device)
     with FileLock(str(path) + ".lock"):
         if not path.exists():
             print(f"training teacher {name} on {track} ({cfg.epochs} epochs; cached at {path})", file=sys.stderr)
             start = time.perf_counter()
             fit(model, SupervisedOnly(MethodConfig(), {}, {}), None, data, cfg, seed)
             tmp = path.with_suffix(".tmp")
-            save_file(model.state_dict(), str(tmp))
+            save_file({k: v.cpu() for k, v in model.state_dict().items()}, str(tmp))
             os.replace(tmp, path)
             print(f"teacher trained in {time.perf_counter() - start:.1f}s", file=sys.stderr)
         try:
-            model.load_state_dict(load_file(str(path)))
+            model.load_state_dict(load_file(str(path), device=str(device)))
         except Exception as exc:  # noqa: BLE001 - a damaged or foreign file is refused, never unpickled
             raise KdbenchError(f"teacher checkpoint {path} is not a safetensors weights file for {name} "
                                f"({type(exc).__name__}); delete it and the teacher is retrained") from None

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from kdbench.registry import Registry
@@ -36,8 +37,12 @@ def create_model(name: str, num_classes: int | None = None, in_shape: tuple[int,
     return entry.build(num_classes or entry.num_classes, in_shape or entry.in_shape)
 
 
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-from kdbench.models import convnets  # noqa: E402,F401  (registers the small CPU-tier nets)
+from kdbench.models import cifar, convnets  # noqa: E402,F401  (register the CIFAR zoo and the small CPU-tier nets)
