@@ -43,8 +43,10 @@ def cmd_list(args) -> int:
         for name in MODELS:
             entry = MODELS.get(name)
             shape = "×".join(map(str, entry.in_shape))
-            rows.append((name, f"{count_params(create_model(name)):,}", f"{entry.num_classes} classes, input {shape}"))
-        headers = ["model", "params", "counted for"]
+            n = count_params(create_model(name, random_init=True))
+            start = f"pretrained/{entry.pretrained}" if entry.pretrained else "random init"
+            rows.append((name, f"{n:,}", f"{n / 1e6:.2f}M", f"{entry.num_classes} classes, input {shape}", start))
+        headers = ["model", "params", "", "counted for", "starts from"]
     elif args.what == "tracks":
         rows = [(n, TRACKS.get(n).tier, TRACKS.get(n).summary) for n in TRACKS]
         headers = ["track", "tier", "data"]

@@ -54,7 +54,7 @@ class RunSpec:
     method_config: dict
     seed: int
     train: TrainConfig
-    teacher_train: TrainConfig
+    teacher_train: TrainConfig | None  # None: the teacher's pretrained weights are used as they are
     teacher_seed: int
     measure: MeasureConfig
     limit: tuple[tuple[str, int], ...] = ()  # smoke runs: at most this many samples per split
@@ -63,9 +63,10 @@ class RunSpec:
     def pair(self) -> str:
         return f"{self.teacher}:{self.student}"
 
-    def config(self, data_description: dict) -> dict:
-        """The resolved config written into the record; identical across seeds, so it hashes a leaderboard row."""
-        return {
+    def config(self, data_description: dict, pretrained: dict[str, str] | None = None) -> dict:
+        """The resolved config written into the record; identical across seeds, so it hashes a leaderboard row.
+        ``pretrained`` maps models that start from pretrained weights to those weights' sha256."""
+        return ({"pretrained": pretrained} if pretrained else {}) | {
             "track": self.track,
             "data": data_description,
             "teacher": self.teacher,
@@ -74,7 +75,7 @@ class RunSpec:
             "method_version": self.method_version,
             "method_config": self.method_config,
             "train": self.train.model_dump(mode="json"),
-            "teacher_train": self.teacher_train.model_dump(mode="json"),
+            "teacher_train": self.teacher_train and self.teacher_train.model_dump(mode="json"),
             "teacher_seed": self.teacher_seed,
             "measure": self.measure.model_dump(mode="json"),
         }
@@ -93,7 +94,7 @@ class RunSpec:
             method_config=c["method_config"],
             seed=record.seed,
             train=TrainConfig(**c["train"]),
-            teacher_train=TrainConfig(**c["teacher_train"]),
+            teacher_train=c["teacher_train"] and TrainConfig(**c["teacher_train"]),
             teacher_seed=c["teacher_seed"],
             measure=MeasureConfig(**c["measure"]),
             limit=tuple(sorted(c["data"].get("limit", {}).items())),

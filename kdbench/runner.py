@@ -14,7 +14,7 @@ from kdbench.config import RunSpec, sha256_of
 from kdbench.features import probe_shapes
 from kdbench.measure import cost_metrics, predict, top1
 from kdbench.method import METHODS
-from kdbench.models import count_params, create_model, model_device
+from kdbench.models import count_params, create_model, model_device, pretrained_path, weights_digest
 from kdbench.errors import KdbenchError
 from kdbench.records import environment, git_state, load_record, now_iso, record_path, write_record
 from kdbench.tracking import log_run
@@ -45,11 +45,11 @@ def run_one(spec: RunSpec, results_dir: Path, ctx: Context = Context(), log=None
     torch.set_num_threads(spec.measure.threads)
     deterministic(ctx.device)
     data = track_data(spec, ctx)
-    config = spec.config(data.description)
+    config = spec.config(data.description, pretrained_digests(spec, ctx))
     teacher, teacher_key = load_or_train_teacher(spec.track, data, spec.teacher, spec.teacher_train, spec.teacher_seed,
-                                                 ctx.device)
+                                                 ctx.device, ctx.data_root)
     torch.manual_seed(spec.seed)
-    student = create_model(spec.student, data.num_classes, data.in_shape).to(ctx.device)
+    student = create_model(spec.student, data.num_classes, data.in_shape, ctx.data_root).to(ctx.device)
     method = _build_method(spec, data, student, teacher).to(ctx.device)
     commit, dirty = git_state()
     record = {
@@ -95,7 +95,14 @@ def is_finished(results_dir: Path, spec: RunSpec) -> bool:
         record = load_record(path)
     except KdbenchError:
         return False  # a damaged record is redone
-    return record.status == "finished" and record.config == spec.config(record.config.get("data", {}))
+    c = record.config
+    return record.status == "finished" and c == spec.config(c.get("data", {}), c.get("pretrained"))
+
+
+def pretrained_digests(spec: RunSpec, ctx: Context) -> dict[str, str]:
+    """sha256 of the pretrained weights the run's models start from (part of its config)."""
+    paths = {name: pretrained_path(name, ctx.data_root) for name in (spec.teacher, spec.student)}
+    return {name: weights_digest(path) for name, path in paths.items() if path is not None}
 
 
 def _build_method(spec: RunSpec, data: TrackData, student, teacher):
@@ -118,7 +125,9 @@ def preflight(specs: list[RunSpec], ctx: Context = Context()) -> None:
     """Build every run's method on untrained models, so a bad tap or shape fails before anything trains."""
     for spec in {(s.track, s.teacher, s.student, s.method, repr(s.method_config)): s for s in specs}.values():
         data = track_data(spec, ctx)
-        models = [create_model(name, data.num_classes, data.in_shape) for name in (spec.student, spec.teacher)]
+        pretrained_digests(spec, ctx)  # a missing weights file fails here, before anything trains
+        models = [create_model(name, data.num_classes, data.in_shape, random_init=True)
+                  for name in (spec.student, spec.teacher)]
         _build_method(spec, data, *models)
 
 

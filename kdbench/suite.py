@@ -32,7 +32,7 @@ class TrackSpec(pydantic.BaseModel):
     model_config = STRICT
     pairs: tuple[PairSpec, ...] = Field(min_length=1)
     train: TrainConfig
-    teacher_train: TrainConfig
+    teacher_train: TrainConfig | None = None  # None: a pretrained teacher used as it is
     teacher_seed: int = 0
     methods: dict[str, dict] = {}  # per-track hyperparameter overrides, on top of the suite's
     limit: dict[Literal["train", "val", "test"], PositiveInt] = {}  # smoke suites: at most N samples per split

@@ -19,7 +19,7 @@ from kdbench.errors import KdbenchError
 from kdbench.features import FeatureTaps
 from kdbench.measure import predict, top1
 from kdbench.method import Method, MethodConfig, SupervisedOnly
-from kdbench.models import create_model, model_device
+from kdbench.models import create_model, model_device, pretrained_path, weights_digest
 from kdbench.tracks import TrackData
 
 TEACHER_FORMAT = 2  # bump when teacher training code changes what it produces (2: seeded initial weights)
@@ -167,28 +167,38 @@ def _resume(path: Path, stateful: dict, order: torch.Generator) -> list[dict]:
     return state["history"]
 
 
-def teacher_key(track: str, data: TrackData, teacher: str, cfg: TrainConfig, seed: int) -> str:
+def teacher_key(track: str, data: TrackData, teacher: str, cfg: TrainConfig | None, seed: int,
+                weights: Path | None = None) -> str:
     return sha256_of(
-        {"track": track, "data": data.description, "teacher": teacher, "train": cfg.model_dump(mode="json"),
-         "seed": seed, "format": TEACHER_FORMAT}
+        {"track": track, "data": data.description, "teacher": teacher, "train": cfg and cfg.model_dump(mode="json"),
+         "seed": seed, "format": TEACHER_FORMAT} | ({"pretrained": weights_digest(weights)} if weights else {})
     )
 
 
-def load_or_train_teacher(track: str, data: TrackData, name: str, cfg: TrainConfig, seed: int,
-                          device: torch.device | str = "cpu") -> tuple[nn.Module, str]:
-    """The teacher for (track, teacher config), trained once and cached as safetensors; (model, key)."""
-    key = teacher_key(track, data, name, cfg, seed)
+def load_or_train_teacher(track: str, data: TrackData, name: str, cfg: TrainConfig | None, seed: int,
+                          device: torch.device | str = "cpu", data_root: Path | None = None) -> tuple[nn.Module, str]:
+    """The teacher for (track, teacher config), trained once and cached as safetensors; (model, key).
+
+    A teacher with pretrained weights starts from them (``data_root/pretrained/...``); with ``cfg`` None it is
+    used as it is, without training.
+    """
+    weights = pretrained_path(name, data_root)
+    key = teacher_key(track, data, name, cfg, seed, weights)
+    torch.manual_seed(seed)  # the initial weights, too, come from the teacher's own seed
+    model = create_model(name, data.num_classes, data.in_shape, data_root).to(device)
+    if cfg is None:
+        if weights is None:
+            raise KdbenchError(f"teacher {name} has no pretrained weights: give the suite's track a teacher_train")
+        return model.eval(), key
     path = kdbench_home() / "teachers" / f"{track}-{name}-{key[:16]}.safetensors"
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)  # the initial weights, too, come from the teacher's own seed
-    model = create_model(name, data.num_classes, data.in_shape).to(device)
     with FileLock(str(path) + ".lock"):
         if not path.exists():
             print(f"training teacher {name} on {track} ({cfg.epochs} epochs; cached at {path})", file=sys.stderr)
             start = time.perf_counter()
             fit(model, SupervisedOnly(MethodConfig(), {}, {}), None, data, cfg, seed)
             tmp = path.with_suffix(".tmp")
-            save_file({k: v.cpu() for k, v in model.state_dict().items()}, str(tmp))
+            save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
             os.replace(tmp, path)
             print(f"teacher trained in {time.perf_counter() - start:.1f}s", file=sys.stderr)
         try:
