@@ -50,7 +50,8 @@ def run_one(spec: RunSpec, results_dir: Path, ctx: Context = Context(), log=None
                                                  ctx.device, ctx.data_root)
     torch.manual_seed(spec.seed)
     student = create_model(spec.student, data.num_classes, data.in_shape, ctx.data_root).to(ctx.device)
-    method = _build_method(spec, data, student, teacher).to(ctx.device)
+    (method,) = _build_methods([spec], data, student, teacher)
+    method.to(ctx.device)
     commit, dirty = git_state()
     record = {
         "schema_version": 1,
@@ -105,13 +106,18 @@ def pretrained_digests(spec: RunSpec, ctx: Context) -> dict[str, str]:
     return {name: weights_digest(path) for name, path in paths.items() if path is not None}
 
 
-def _build_method(spec: RunSpec, data: TrackData, student, teacher):
-    """The run's method, its extra modules shaped by one dry forward pass of each model."""
-    cls = METHODS.get(spec.method)
-    config = cls.Config(**spec.method_config)
-    student_taps, teacher_taps = cls.taps(config)
+def _build_methods(specs: list[RunSpec], data: TrackData, student, teacher) -> list:
+    """The runs' methods (all on this pair), their extra modules shaped by one dry forward pass of each model."""
+    built = []
+    for spec in specs:
+        cls = METHODS.get(spec.method)
+        config = cls.Config(**spec.method_config)
+        built.append((cls, config, *cls.taps(config)))
     sample = data.train.sample(2).to(model_device(student))
-    return cls(config, probe_shapes(student, student_taps, sample), probe_shapes(teacher, teacher_taps, sample))
+    student_shapes = probe_shapes(student, {tap for *_, taps, _ in built for tap in taps}, sample)
+    teacher_shapes = probe_shapes(teacher, {tap for *_, taps in built for tap in taps}, sample)
+    return [cls(config, {t: student_shapes[t] for t in s_taps}, {t: teacher_shapes[t] for t in t_taps})
+            for cls, config, s_taps, t_taps in built]
 
 
 def deterministic(device: str) -> None:
@@ -123,12 +129,16 @@ def deterministic(device: str) -> None:
 
 def preflight(specs: list[RunSpec], ctx: Context = Context()) -> None:
     """Build every run's method on untrained models, so a bad tap or shape fails before anything trains."""
-    for spec in {(s.track, s.teacher, s.student, s.method, repr(s.method_config)): s for s in specs}.values():
+    by_pair: dict[tuple, dict] = {}
+    for s in specs:
+        by_pair.setdefault((s.track, s.limit, s.teacher, s.student), {})[(s.method, repr(s.method_config))] = s
+    for pair_specs in by_pair.values():
+        spec = next(iter(pair_specs.values()))
         data = track_data(spec, ctx)
         pretrained_digests(spec, ctx)  # a missing weights file fails here, before anything trains
         models = [create_model(name, data.num_classes, data.in_shape, random_init=True)
                   for name in (spec.student, spec.teacher)]
-        _build_method(spec, data, *models)
+        _build_methods(list(pair_specs.values()), data, *models)
 
 
 def _progress(spec: RunSpec, log):

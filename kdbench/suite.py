@@ -26,6 +26,7 @@ class PairSpec(pydantic.BaseModel):
     model_config = STRICT
     teacher: str
     student: str
+    methods: dict[str, dict] = {}  # per-pair hyperparameter overrides (e.g. which stages to tap), on top of the track's
 
 
 class TrackSpec(pydantic.BaseModel):
@@ -84,7 +85,7 @@ def _check_names(suite: Suite, path: Path) -> None:
             for model in (pair.teacher, pair.student):
                 if model not in MODELS:
                     raise KdbenchError(f"{path}: {unknown_name_message('model', model, MODELS.names())}")
-        for method in list(suite.methods) + list(spec.methods):
+        for method in [*suite.methods, *spec.methods, *(m for p in spec.pairs for m in p.methods)]:
             if method not in METHODS:
                 raise KdbenchError(f"{path}: {unknown_name_message('method', method, METHODS.names())}")
 
@@ -127,7 +128,7 @@ def expand(
                 continue
             for name in method_names:
                 cls = METHODS.get(name)
-                overrides = {**suite.methods.get(name, {}), **tspec.methods.get(name, {})}
+                overrides = {**suite.methods.get(name, {}), **tspec.methods.get(name, {}), **pair.methods.get(name, {})}
                 config = validate_config(cls, overrides).model_dump(mode="json")
                 for seed in seeds or suite.seeds:
                     specs.append(

@@ -8,6 +8,29 @@ from kdbench.models import MODELS, count_params, create_model
 
 # Exact parameter counts at 100 classes, as RepDistiller's models/{resnet,wrn,vgg}.py give them (checked against
 # a transcription of that code: same state-dict keys, shapes and seeded initial weights).
+PARAMS = {
+    "resnet8": 83_892,
+    "resnet14": 181_108,
+    "resnet20": 278_324,
+    "resnet32": 472_756,
+    "resnet44": 667_188,
+    "resnet56": 861_620,
+    "resnet110": 1_736_564,
+    "resnet8x4": 1_233_540,
+    "resnet32x4": 7_433_860,
+    "wrn_16_1": 180_916,
+    "wrn_16_2": 703_284,
+    "wrn_40_1": 569_780,
+    "wrn_40_2": 2_255_156,
+    "vgg8": 3_965_028,
+    "vgg11": 9_277_284,
+    "vgg13": 9_462_180,
+    "vgg16": 14_774_436,
+    "vgg19": 20_086_692,
+}
+# Published sizes, in M to 2 decimals. The code gives resnet110 1.7366M and vgg8 3.9650M, printed rounded (1.74M,
+# 3.97M) here; 1.73M and 3.96M are truncations. A 0.5% bound around these 2-decimal figures would reject correct
+# small nets (resnet20: 0.2783M is 0.6% off 0.28M), so PARAMS is the tolerance-free pin and this checks the figure.
 PUBLISHED_M = {
     "resnet8x4": "1.23",
     "resnet32x4": "7.43",
@@ -118,3 +141,30 @@ def test_reference_init():
     assert abs(conv.std().item() / (2 / (9 * 256)) ** 0.5 - 1) < 0.02
     bn = model.layer2[1].bn1
     assert torch.all(bn.weight == 1) and torch.all(bn.bias == 0)
+
+
+def test_reference_state_dict_keys(zoo):
+    """Module names follow RepDistiller's, so its checkpoints load (a sample of the keys, with shapes)."""
+    expected = {
+        "resnet8x4": {
+            "conv1.weight": (32, 3, 3, 3),
+            "layer1.0.downsample.0.weight": (64, 32, 1, 1),
+            "layer3.0.bn2.running_var": (256,),
+            "fc.weight": (100, 256),
+        },
+        "wrn_16_2": {
+            "block1.layer.0.convShortcut.weight": (32, 16, 1, 1),
+            "block3.layer.1.bn1.weight": (128,),
+            "bn1.num_batches_tracked": (),
+            "fc.bias": (100,),
+        },
+        "vgg13": {
+            "block0.3.weight": (64, 64, 3, 3),
+            "block0.4.running_mean": (64,),
+            "block4.4.bias": (512,),
+            "classifier.weight": (100, 512),
+        },
+    }
+    for name, keys in expected.items():
+        state = zoo[name].state_dict()
+        assert {k: tuple(state[k].shape) for k in keys} == keys, name

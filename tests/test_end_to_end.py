@@ -6,6 +6,7 @@ import mlflow
 import pytest
 
 from kdbench.cli import main
+from kdbench.errors import KdbenchError
 from kdbench.leaderboard import render
 from kdbench.records import load_records
 
@@ -126,3 +127,22 @@ def test_verify_reports_match_and_mismatch(finished_run, tmp_path, capsys):
 def test_verify_missing_file(capsys):
     assert main(["verify", "/nonexistent/seed0.json"]) == 2
     assert capsys.readouterr().err.strip() == "kdbench: error: record /nonexistent/seed0.json does not exist"
+
+
+def test_published_numbers_sit_beside_ours(finished_run, tmp_path):
+    published = tmp_path / "published.yaml"
+    published.write_text(
+        "sources: {paper: 'A. Author, a paper, table 1'}\n"
+        "results:\n"
+        "  - {suite: tiny, track: mnist1d, teacher: cnn1d_w8, student: cnn1d_w4, source: paper,\n"
+        "     top1: {teacher: 97.5, vanilla_kd: 12.34}}\n"
+    )
+    text = render(finished_run / "results", published)
+    row = next(line for line in text.splitlines() if line.startswith("| vanilla_kd"))
+    teacher = next(line for line in text.splitlines() if line.startswith("| teacher"))
+    assert row.rstrip(" |").endswith("12.34 [paper]") and teacher.rstrip(" |").endswith("97.50 [paper]")
+    assert "- published [paper]: A. Author, a paper, table 1" in text
+    assert "| published" not in render(finished_run / "results")  # no entry for this suite in the real file
+    published.write_text(published.read_text().replace("source: paper", "source: nowhere"))
+    with pytest.raises(KdbenchError, match="source 'nowhere' is used but not listed"):
+        render(finished_run / "results", published)

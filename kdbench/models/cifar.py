@@ -12,7 +12,7 @@ FitNets, AT, NST, VID, … losses use) for every i but the last, pooled, entry: 
 (stem, group 1, group 2, group 3), VGGs 5 (blocks 0–4). The RepDistiller ``preact=True`` features (only its AB
 method asks for them) are not exposed as stages.
 
-Deviations (none changes a parameter or an output at 32×32):
+Deviations (none changes a parameter, a stage output or, beyond float rounding in the pooling, a logit at 32×32):
 - adaptive average pooling to 1×1 replaces the reference's fixed 8×8 pooling (ResNet, WRN), so any input size works;
 - VGG never applies ``pool3``; the reference applies it when the input is 64 px high (its Tiny-ImageNet setting);
 - the first convolution takes ``in_shape[0]`` channels (the reference: 3);
