@@ -1,4 +1,4 @@
-"""Published results (``benchmarks/published.yaml``) that the leaderboard prints beside ours.
+"""Published results (``benchmarks/reference/published.yaml``) that the leaderboard prints beside ours.
 
 An entry applies to the rows of one suite (whose protocol it follows), track and pair; each names its source.
 """
@@ -14,7 +14,7 @@ from kdbench.config import STRICT
 from kdbench.errors import KdbenchError
 from kdbench.method import format_validation_error
 
-PUBLISHED = Path(__file__).resolve().parents[1] / "benchmarks" / "published.yaml"
+PUBLISHED = Path(__file__).resolve().parents[1] / "benchmarks" / "reference" / "published.yaml"
 
 
 class Entry(pydantic.BaseModel):

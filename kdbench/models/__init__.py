@@ -94,4 +94,4 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-from kdbench.models import cifar, convnets  # noqa: E402,F401  (register the CIFAR zoo and the small CPU-tier nets)
+from kdbench.models import cifar, convnets, timm_zoo  # noqa: F401  (register the CIFAR zoo, the small CPU-tier nets, the timm ImageNet pair)

@@ -127,4 +127,4 @@ def float_split(x: np.ndarray, y: np.ndarray) -> Split:
     return Split(torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.long))
 
 
-from kdbench.tracks import cifar, small  # noqa: F401  (registers the tracks)
+from kdbench.tracks import cifar, imagenet, small  # noqa: F401  (registers the tracks)
