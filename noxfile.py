@@ -1,4 +1,4 @@
-"""Entry points: ``nox -s tests`` (what CI runs) and ``nox -s bench`` (reproduce the results)."""
+"""Entry points: ``nox -s tests`` (what CI runs), ``nox -s bench`` (reproduce the results), ``nox -s perf``."""
 
 import nox
 
@@ -20,3 +20,13 @@ def bench(session: nox.Session) -> None:
     session.install("-e", ".")
     session.run("kdbench", "run", "--suite", "cpu", *session.posargs)
     session.run("kdbench", "leaderboard")
+
+
+@nox.session
+def perf(session: nox.Session) -> None:
+    """The pytest-benchmark benchmarks in benchmarks/: JSON and a markdown report of ratios in benchmarks/perf/."""
+    session.install("-e", ".[test]")
+    session.run("pytest", "benchmarks", "-p", "no:cacheprovider", "--benchmark-json", "benchmarks/perf/perf.json",
+                "--benchmark-columns", "median,iqr,rounds", *session.posargs)
+    with open("benchmarks/perf/perf.md", "w") as out:
+        session.run("python", "benchmarks/perf_report.py", "benchmarks/perf/perf.json", stdout=out)

@@ -23,7 +23,7 @@ class TrainConfig(pydantic.BaseModel):
     lr: float = Field(gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     momentum: float = Field(default=0.9, ge=0, lt=1)
-    schedule: Literal["onecycle", "cosine", "multistep", "constant"] = "onecycle"
+    schedule: Literal["onecycle", "cosine", "multistep", "constant", "linear"] = "onecycle"
     milestones: tuple[int, ...] = ()
     gamma: float = Field(default=0.1, gt=0, le=1)
 

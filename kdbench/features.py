@@ -4,7 +4,17 @@ Tap vocabulary (architecture-agnostic):
 - ``logits``: the model's output;
 - ``stage:<i>``: output of the model's i-th stage (models list their stage modules in ``stages``;
   negative indices count from the end);
-- ``module:<dotted.path>``: output of any submodule (the escape hatch).
+- ``module:<dotted.path>``: output of any submodule (the escape hatch);
+- for transformers (models that list their self-attention modules in ``attentions``, and whose ``stages`` are
+  their layers): ``hidden:<i>``, the hidden states (B, L, H) after layer i (the same module as ``stage:<i>``),
+  and ``attn:<i>``, the attention probabilities (B, heads, L, L) of layer i (element 1 of the output of the
+  module ``attentions[i]``);
+- ``mask``: for models over padded token sequences (they define ``token_mask(x)``), (B, L) with 1 for real
+  tokens and 0 for padding. It is part of every tap dict of such a model, asked for or not, so that methods
+  can leave padding out; a method sees hidden states (B, L, H) rather than feature maps (B, C, *positions)
+  exactly when ``mask`` is among the shapes it is built with (``is_token_sequence``).
+
+A module that returns a tuple is tapped at its element 0 (``attn:`` at element 1, the probabilities).
 """
 
 from __future__ import annotations
@@ -17,27 +27,56 @@ from torch import nn
 
 from kdbench.errors import KdbenchError
 
+MASK = "mask"
+
 
 def stage_modules(model: nn.Module) -> tuple[str, ...]:
     return tuple(getattr(model, "stages", ()))
+
+
+def is_token_sequence(shapes: dict) -> bool:
+    """Whether the taps come from a model over token sequences: features are (L, H), and ``mask`` is given."""
+    return MASK in shapes
+
+
+def token_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` (B, L, ...) over the real tokens of ``mask`` (B, L) only: → (B, ...)."""
+    weights = mask.to(values.dtype).reshape(*mask.shape, *(1,) * (values.dim() - 2))
+    return (values * weights).sum(1) / weights.sum(1).clamp_min(1)
+
+
+def real_token_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` (B, L) over all real tokens of the batch (padding left out): a scalar."""
+    weights = mask.to(values.dtype)
+    return (values * weights).sum() / weights.sum().clamp_min(1)
+
+
+def _indexed(model: nn.Module, tap: str, arg: str, paths: tuple[str, ...], what: str) -> str:
+    try:
+        return paths[int(arg)]
+    except (ValueError, IndexError):
+        raise KdbenchError(
+            f"tap {tap!r}: {type(model).__name__} has {len(paths)} {what} "
+            f"(use {tap.partition(':')[0]}:0 … {tap.partition(':')[0]}:{len(paths) - 1})"
+        ) from None
 
 
 def resolve_tap(model: nn.Module, tap: str) -> nn.Module:
     """The submodule whose output a tap names; a clear error for a tap the model lacks."""
     kind, _, arg = tap.partition(":")
     if kind == "stage":
-        stages = stage_modules(model)
-        try:
-            path = stages[int(arg)]
-        except (ValueError, IndexError):
-            raise KdbenchError(
-                f"tap {tap!r}: {type(model).__name__} has {len(stages)} stages "
-                f"(use stage:0 … stage:{len(stages) - 1})"
-            ) from None
+        path = _indexed(model, tap, arg, stage_modules(model), "stages")
+    elif kind in ("hidden", "attn"):
+        attentions = tuple(getattr(model, "attentions", ()))
+        if not attentions:
+            raise KdbenchError(f"tap {tap!r} is for transformers: {type(model).__name__} lists no attention modules "
+                               "(use stage:<i>)")
+        path = _indexed(model, tap, arg, stage_modules(model) if kind == "hidden" else attentions, "layers")
     elif kind == "module":
         path = arg
     else:
-        raise KdbenchError(f"unknown tap {tap!r}; use 'logits', 'stage:<i>' or 'module:<dotted.path>'")
+        raise KdbenchError(f"unknown tap {tap!r}; use 'logits', 'stage:<i>', 'module:<dotted.path>', "
+                           "'hidden:<i>', 'attn:<i>' or 'mask'")
     try:
         return model.get_submodule(path)
     except AttributeError:
@@ -50,19 +89,29 @@ class FeatureTaps:
     def __init__(self, model: nn.Module, taps: Iterable[str]):
         self.model = model
         self._captured: dict[str, torch.Tensor] = {}
+        self._token_mask = getattr(model, "token_mask", None)
+        taps = dict.fromkeys(taps)
+        if MASK in taps and self._token_mask is None:
+            raise KdbenchError(f"tap 'mask': {type(model).__name__} does not read padded token sequences")
         self._handles = [
             resolve_tap(model, tap).register_forward_hook(partial(self._capture, tap))
-            for tap in dict.fromkeys(taps)
-            if tap != "logits"
+            for tap in taps
+            if tap not in ("logits", MASK)
         ]
 
     def _capture(self, tap: str, module: nn.Module, inputs, output) -> None:
+        if isinstance(output, tuple):
+            output = output[1 if tap.startswith("attn:") else 0]
+            if output is None:
+                raise KdbenchError(f"tap {tap!r}: {type(module).__name__} returned no attention probabilities "
+                                   "(it needs an attention implementation that returns them, such as eager)")
         self._captured[tap] = output
 
     def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         self._captured = {}
         logits = self.model(x)
-        return {"logits": logits, **self._captured}
+        mask = {} if self._token_mask is None else {MASK: self._token_mask(x)}
+        return {"logits": logits, **self._captured, **mask}
 
     def remove(self) -> None:
         for handle in self._handles:

@@ -69,6 +69,7 @@ class Record(pydantic.BaseModel):
     env: Env
     metrics: Metrics | None
     history: list[dict] = []  # per-epoch training losses and validation accuracy
+    teacher_outputs: dict | None = None  # whether the teacher's outputs came from the cache, its key, or why not
 
 
 def record_path(results_dir: Path, spec: RunSpec) -> Path:

@@ -11,12 +11,13 @@ from pathlib import Path
 import torch
 
 from kdbench.config import RunSpec, sha256_of
-from kdbench.features import probe_shapes
+from kdbench.features import MASK, probe_shapes
 from kdbench.measure import cost_metrics, predict, top1
 from kdbench.method import METHODS
 from kdbench.models import count_params, create_model, model_device, pretrained_path, weights_digest
 from kdbench.errors import KdbenchError
 from kdbench.records import environment, git_state, load_record, now_iso, record_path, write_record
+from kdbench.teacher_cache import cached_teacher_outputs
 from kdbench.tracking import log_run
 from kdbench.tracks import TrackData, load_track
 from kdbench.train import DivergedError, fit, kdbench_home, load_or_train_teacher
@@ -70,11 +71,15 @@ def run_one(spec: RunSpec, results_dir: Path, ctx: Context = Context(), log=None
         "created_at": now_iso(),
         "env": environment(spec.measure.threads, ctx.device),
     }
+    teacher_outputs, record["teacher_outputs"] = (
+        cached_teacher_outputs(teacher, method.taps(method.config)[1], data.train, teacher_key)
+        if method.needs_teacher else (None, {"cached": False, "reason": "the method uses no teacher"}))
     checkpoint = kdbench_home() / "checkpoints" / f"{spec.track}-{record['config_sha256'][:16]}-seed{spec.seed}.pt"
     start = time.perf_counter()
     history: list[dict] = []
     try:
-        history = fit(student, method, teacher, data, spec.train, spec.seed, _progress(spec, log), checkpoint)
+        history = fit(student, method, teacher, data, spec.train, spec.seed, _progress(spec, log), checkpoint,
+                      teacher_outputs)
     except DivergedError as exc:
         record.update(status="failed", error=f"diverged: {exc}", metrics=None)
     else:
@@ -116,7 +121,11 @@ def _build_methods(specs: list[RunSpec], data: TrackData, student, teacher) -> l
     sample = data.train.sample(2).to(model_device(student))
     student_shapes = probe_shapes(student, {tap for *_, taps, _ in built for tap in taps}, sample)
     teacher_shapes = probe_shapes(teacher, {tap for *_, taps in built for tap in taps}, sample)
-    return [cls(config, {t: student_shapes[t] for t in s_taps}, {t: teacher_shapes[t] for t in t_taps})
+
+    def own(shapes: dict, taps) -> dict:  # the method's taps, and the padding mask of token models (kdbench.features)
+        return {t: shapes[t] for t in (*taps, MASK) if t in shapes}
+
+    return [cls(config, own(student_shapes, s_taps), own(teacher_shapes, t_taps))
             for cls, config, s_taps, t_taps in built]
 
 

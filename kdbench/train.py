@@ -8,6 +8,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from filelock import FileLock
@@ -21,6 +22,9 @@ from kdbench.measure import predict, top1
 from kdbench.method import Method, MethodConfig, SupervisedOnly
 from kdbench.models import create_model, model_device, pretrained_path, weights_digest
 from kdbench.tracks import TrackData
+
+if TYPE_CHECKING:
+    from kdbench.teacher_cache import TeacherOutputs
 
 TEACHER_FORMAT = 2  # bump when teacher training code changes what it produces (2: seeded initial weights)
 
@@ -41,7 +45,8 @@ def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 def make_scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int):
-    """Stepped once per batch. ``multistep`` milestones are in epochs, as in the CRD protocol."""
+    """Stepped once per batch. ``multistep`` milestones are in epochs, as in the CRD protocol; ``linear`` decays
+    to 0 over training without warm-up (Hugging Face's default ``get_linear_schedule_with_warmup``, 0 warm-up steps)."""
     total = cfg.epochs * steps_per_epoch
     if cfg.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total)
@@ -50,6 +55,8 @@ def make_scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int):
     if cfg.schedule == "multistep":
         milestones = [m * steps_per_epoch for m in cfg.milestones]
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=cfg.gamma)
+    if cfg.schedule == "linear":
+        return torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0, end_factor=0.0, total_iters=total)
     return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
 
 
@@ -77,12 +84,14 @@ def fit(
     seed: int,
     on_epoch: Callable[[dict], None] | None = None,
     checkpoint: Path | None = None,
+    teacher_outputs: TeacherOutputs | None = None,
 ) -> list[dict]:
     """Train ``student`` (and the method's extra modules) on ``data.train``; returns per-epoch history.
 
     The teacher stays in eval mode without gradients. The loop never asks which method it runs.
     With ``checkpoint``, the full training state is saved after every epoch and a run that finds one
-    resumes from it, ending with the same weights as an uninterrupted run.
+    resumes from it, ending with the same weights as an uninterrupted run. With ``teacher_outputs`` (an
+    un-augmented split) the teacher is not run: each batch reads its rows of the cached outputs.
     """
     torch.manual_seed(seed)
     order = torch.Generator().manual_seed(seed)
@@ -94,7 +103,7 @@ def fit(
     total_steps = cfg.epochs * steps_per_epoch
     student_taps, teacher_taps = method.taps(method.config)
     student_tapper = FeatureTaps(student, student_taps)
-    teacher_tapper = FeatureTaps(teacher, teacher_taps) if method.needs_teacher else None
+    teacher_tapper = FeatureTaps(teacher, teacher_taps) if method.needs_teacher and teacher_outputs is None else None
     optimizer = make_optimizer(list(student.parameters()) + method.student_side_parameters(), cfg)
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
     adversary = getattr(method, "adversary", None)
@@ -110,12 +119,19 @@ def fit(
     try:
         for epoch in range(len(history), cfg.epochs):
             sums: dict[str, float] = defaultdict(float)
-            for i, (x, y) in enumerate(data.train.batches(cfg.batch_size, order, train=True)):
+            if teacher_outputs is None:
+                batches = ((None, x, y) for x, y in data.train.batches(cfg.batch_size, order, train=True))
+            else:
+                batches = data.train.indexed_batches(cfg.batch_size, order, train=True)
+            for i, (idx, x, y) in enumerate(batches):
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 step = epoch * steps_per_epoch + i
                 progress = step / total_steps
-                with torch.no_grad():
-                    t_out = teacher_tapper(x) if teacher_tapper else None
+                if teacher_outputs is not None:
+                    t_out = teacher_outputs.rows(idx, device)
+                else:
+                    with torch.no_grad():
+                        t_out = teacher_tapper(x) if teacher_tapper else None
                 s_out = student_tapper(x)
                 terms = method.loss(s_out, t_out, y, progress)
                 loss = _step(optimizer, terms, f"loss at epoch {epoch + 1}, step {step}")

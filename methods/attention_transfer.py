@@ -31,16 +31,45 @@ Deviations:
 - Pooling for mismatched sizes is RepDistiller's addition (square (t_H, t_H) there; per-dimension here).
 - The default stage list is fixed, not "all stages": on a 4-stage model it takes the last three, on a
   2-stage model it fails with the usual unknown-stage error (set ``stages``).
+- Transformer hidden states (L, H) (taps with a ``mask``, kdbench.features): the channels are the hidden units,
+  the positions the tokens: Q = normalize_L2(mean_h |A_h|^p over the real tokens, 0 at padding), and the mean of
+  squares runs over real tokens only. Stages pair by the same index on both models (``-1``: the last layers).
+
+Transformer variant, ``maps: attention`` (for models with ``attn:<i>`` taps): the self-attention distributions
+themselves are transferred, as in MiniLM (Wang, Wei, Dong, Bao, Yang & Zhou, "MiniLM: Deep Self-Attention
+Distillation for Task-Agnostic Compression of Pre-Trained Transformers", NeurIPS 2020, arXiv:2002.10957, §3,
+"self-attention distribution transfer"). With A_{l,a,t} the attention distribution of query token t in
+head a of layer l (softmax over keys, before attention dropout), A_h heads and |x| real tokens of a sentence:
+
+    L_AT  = 1 / (A_h |x|) · Σ_a Σ_{t real} KL(A^T_{l_t, a, t} ‖ A^S_{l_s, a, t})        per sentence, batch mean
+    L     = ce_weight · CE(z_s, y) + beta · Σ_{stages} L_AT
+
+Padded keys have probability 0 in both distributions (the models mask them) and padded queries are left out.
+Defaults with ``maps: attention`` (source): stages = (-1,), the last layer of each model (MiniLM transfers only
+the last layer, so student and teacher depths may differ: layer mapping last ↔ last); beta = 1 (MiniLM sums its
+terms with weight 1); ce_weight = 1. Both are filled in only when not given, so the resolved config names them.
+Reference implementation: microsoft/unilm, ``minilm/`` publishes the checkpoints and a fine-tuning example, not
+the distillation code; this follows the paper's equation. Deviations from MiniLM: its value-relation transfer
+(L_VR, KL between softmax(V Vᵀ/√d) of the last layers) is not implemented (no tap exposes the values);
+MiniLM distils task-agnostically during pre-training, here the term is added to task fine-tuning with CE
+(task-specific, as the other methods of the benchmark); student and teacher need the same number of heads
+(as in MiniLM). The config key ``maps`` is left out of the resolved config when it is ``activation``, so
+existing runs keep their config hash.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_serializer, model_validator
 
 from kdbench.errors import KdbenchError
+from kdbench.features import MASK, is_token_sequence, real_token_mean
 from kdbench.method import Method, MethodConfig, register_method
+
+ATTENTION_DEFAULTS = {"stages": (-1,), "beta": 1.0}  # maps: attention (MiniLM: last layer, weight 1)
 
 
 class AttentionTransferConfig(MethodConfig):
@@ -50,10 +79,29 @@ class AttentionTransferConfig(MethodConfig):
     beta: float = Field(default=1000.0, ge=0, description="weight of the summed AT losses (paper, RepDistiller: 1000)")
     p: float = Field(default=2.0, ge=1, description="exponent of |A| in the attention map (paper: 2)")
     ce_weight: float = Field(default=1.0, ge=0, description="weight of CE on hard labels (RepDistiller -r: 1)")
+    maps: Literal["activation", "attention"] = Field(
+        default="activation",
+        description="activation: Zagoruyko & Komodakis maps of stage outputs; attention: MiniLM KL of attn:<i>",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _attention_defaults(cls, data):
+        if isinstance(data, dict) and data.get("maps") == "attention":
+            return {**ATTENTION_DEFAULTS, **data}
+        return data
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        data = handler(self)
+        if self.maps == "activation":
+            data.pop("maps", None)  # configs written before ``maps`` existed keep their hash
+        return data
 
 
 def stage_taps(config: AttentionTransferConfig) -> tuple[str, ...]:
-    return tuple(f"stage:{i}" for i in config.stages)
+    kind = "attn" if config.maps == "attention" else "stage"
+    return tuple(f"{kind}:{i}" for i in config.stages)
 
 
 def attention_map(feature: torch.Tensor, p: float) -> torch.Tensor:
@@ -74,6 +122,28 @@ def at_loss(f_s: torch.Tensor, f_t: torch.Tensor, p: float) -> torch.Tensor:
     return (attention_map(pooled_to(f_s, size), p) - attention_map(pooled_to(f_t, size), p)).pow(2).mean()
 
 
+def token_attention_map(hidden: torch.Tensor, mask: torch.Tensor, p: float) -> torch.Tensor:
+    """(B, L, H) hidden states → (B, L): mean over hidden units of |A|^p, 0 at padding, L2-normalised per sample."""
+    return F.normalize(hidden.abs().pow(p).mean(-1) * mask.to(hidden.dtype), dim=1)
+
+
+def token_at_loss(h_s: torch.Tensor, h_t: torch.Tensor, mask: torch.Tensor, p: float) -> torch.Tensor:
+    """``at_loss`` on hidden states: the mean of squared differences over the real tokens of the batch."""
+    diff = token_attention_map(h_s, mask, p) - token_attention_map(h_t, mask, p)
+    return real_token_mean(diff.pow(2), mask)
+
+
+def attention_kl(p_s: torch.Tensor, p_t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """MiniLM's L_AT: KL(p_t ‖ p_s) of each (head, real query) distribution over the real keys, averaged over heads
+    and real queries per sentence, then over the batch. ``p_s``, ``p_t``: (B, heads, L, L) probabilities."""
+    keys = mask.bool()[:, None, None, :]  # padded keys: probability 0 on both sides, left out of the sum
+    log_s = p_s.masked_fill(~keys, 1.0).clamp_min(torch.finfo(p_s.dtype).tiny).log()
+    log_t = p_t.masked_fill(~keys, 1.0).clamp_min(torch.finfo(p_t.dtype).tiny).log()
+    kl = (p_t * (log_t - log_s)).masked_fill(~keys, 0.0).sum(-1).mean(1)  # (B, L): per query, mean over heads
+    queries = mask.to(kl.dtype)
+    return ((kl * queries).sum(1) / queries.sum(1).clamp_min(1)).mean()
+
+
 @register_method("attention_transfer")
 class AttentionTransfer(Method):
     """Zagoruyko & Komodakis 2017: CE + beta · Σ_stages squared distance of normalised attention maps."""
@@ -83,9 +153,22 @@ class AttentionTransfer(Method):
 
     def __init__(self, config: AttentionTransferConfig, student_shapes, teacher_shapes):
         super().__init__(config, student_shapes, teacher_shapes)
+        self.tokens = is_token_sequence(student_shapes)
         for tap in stage_taps(config):
             s_shape, t_shape = student_shapes[tap], teacher_shapes[tap]
-            if len(s_shape) != len(t_shape) or len(s_shape) not in (2, 3):
+            if config.maps == "attention":
+                if s_shape != t_shape or len(s_shape) != 3:
+                    raise KdbenchError(
+                        f"attention_transfer (maps: attention): {tap} has student shape {s_shape} and teacher shape "
+                        f"{t_shape}; MiniLM needs attention maps (heads, L, L) with the same number of heads"
+                    )
+                if not self.tokens:
+                    raise KdbenchError("attention_transfer (maps: attention) needs the padding mask of a token model")
+            elif self.tokens:
+                if len(s_shape) != 2 or s_shape[0] != t_shape[0] or len(t_shape) != 2:
+                    raise KdbenchError(f"attention_transfer: {tap} has student shape {s_shape} and teacher shape "
+                                       f"{t_shape}; hidden states must be (L, H) with the same length L")
+            elif len(s_shape) != len(t_shape) or len(s_shape) not in (2, 3):
                 raise KdbenchError(
                     f"attention_transfer: {tap} has student shape {s_shape} and teacher shape {t_shape}; "
                     "attention needs feature maps (C, L) or (C, H, W) on both"
@@ -98,5 +181,10 @@ class AttentionTransfer(Method):
 
     def loss(self, student, teacher, target, progress):
         c = self.config
-        at = sum(at_loss(student[tap], teacher[tap], c.p) for tap in stage_taps(c))
+        if c.maps == "attention":
+            at = sum(attention_kl(student[tap], teacher[tap], student[MASK]) for tap in stage_taps(c))
+        elif self.tokens:
+            at = sum(token_at_loss(student[tap], teacher[tap], student[MASK], c.p) for tap in stage_taps(c))
+        else:
+            at = sum(at_loss(student[tap], teacher[tap], c.p) for tap in stage_taps(c))
         return {"ce": c.ce_weight * F.cross_entropy(student["logits"], target), "at": c.beta * at}

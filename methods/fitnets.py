@@ -15,7 +15,10 @@ feature to the teacher's shape:
 - feature maps (C, L) or (C, H, W): [adaptive average pooling to the teacher's spatial size, only if the sizes
   differ] → 1×1 Conv1d/Conv2d (with bias) → BatchNorm → ReLU. For equal sizes this is RepDistiller's
   ``ConvReg`` exactly (its kernel is 1 + s_H − t_H = 1);
-- vectors (C,): Linear → ReLU, as RepDistiller's ``Regress``.
+- vectors (C,): Linear → ReLU, as RepDistiller's ``Regress``;
+- transformer hidden states (L, H) (taps with a ``mask``, kdbench.features): Linear H_s → H_t per token
+  (→ ReLU), TinyBERT's W_h (Jiao et al., Findings of EMNLP 2020, §3.1, hidden-states loss MSE(H^S W_h, H^T));
+  the MSE is the mean over real tokens and hidden units only, padding left out.
 
 Defaults (source): hint_weight = 100 (RepDistiller ``-b 100``: README command ``--distill hint -a 0 -b 100``),
 ce_weight = 1 (``-r``/gamma default 1), kd_weight = 0 (``-a 0``), T = 4 (``--kd_T 4``; used only if
@@ -42,7 +45,12 @@ Deviations:
   layers above the guided one still update in phase 1, and kd_weight and T are constant (the paper's stage 2
   is KD with its own λ, τ settings; set kd_weight > 0 for it, as kd_weight defaults to 0).
 - regressor_relu (default True, as ``ConvReg``/``Regress``): the paper requires the regressor to share the
-  hint layer's non-linearity; set it False for stage outputs that can be negative.
+  hint layer's non-linearity; set it False for stage outputs that can be negative (BERT hidden states: the
+  sst2 suite does).
+- Transformers: the same stage index is taken on both models and negative indices count from the end, so
+  ``stages: [-1]`` pairs the last layers (the uniform layer mapping's last pair, TinyBERT's g(M) = N); other
+  indices pair layers by their distance from the end. The hint's regressor is a Linear (TinyBERT), without
+  batch norm, and padded positions are left out of the MSE.
 """
 
 from __future__ import annotations
@@ -53,6 +61,7 @@ from pydantic import Field
 from torch import nn
 
 from kdbench.errors import KdbenchError
+from kdbench.features import MASK, is_token_sequence, real_token_mean
 from kdbench.losses import kd_loss
 from kdbench.method import Method, MethodConfig, register_method
 
@@ -80,8 +89,15 @@ def stage_taps(config: FitNetsConfig) -> tuple[str, ...]:
     return tuple(f"stage:{i}" for i in config.stages)
 
 
-def make_regressor(tap: str, s_shape: tuple[int, ...], t_shape: tuple[int, ...], relu: bool) -> nn.Module:
-    """Maps a student feature (C_s, *S_s) to the teacher's (C_t, *S_t); shapes exclude the batch dimension."""
+def make_regressor(tap: str, s_shape: tuple[int, ...], t_shape: tuple[int, ...], relu: bool,
+                   tokens: bool = False) -> nn.Module:
+    """Maps a student feature (C_s, *S_s) to the teacher's (C_t, *S_t), or hidden states (L, H_s) to (L, H_t) with
+    ``tokens``; shapes exclude the batch dimension."""
+    if tokens:
+        if len(s_shape) != 2 or len(t_shape) != 2 or s_shape[0] != t_shape[0]:
+            raise KdbenchError(f"fitnets: {tap} has student shape {s_shape} and teacher shape {t_shape}; "
+                               "hidden states must be (L, H) with the same length L")
+        return nn.Sequential(nn.Linear(s_shape[1], t_shape[1]), *([nn.ReLU()] if relu else []))
     if len(s_shape) != len(t_shape) or len(s_shape) not in (1, 2, 3):
         raise KdbenchError(
             f"fitnets: {tap} has student shape {s_shape} and teacher shape {t_shape}; "
@@ -105,8 +121,9 @@ class FitNets(Method):
 
     def __init__(self, config: FitNetsConfig, student_shapes, teacher_shapes):
         super().__init__(config, student_shapes, teacher_shapes)
+        self.tokens = is_token_sequence(student_shapes)
         self.regressors = nn.ModuleList(
-            make_regressor(tap, student_shapes[tap], teacher_shapes[tap], config.regressor_relu)
+            make_regressor(tap, student_shapes[tap], teacher_shapes[tap], config.regressor_relu, self.tokens)
             for tap in stage_taps(config)
         )
 
@@ -116,8 +133,11 @@ class FitNets(Method):
         return taps, taps
 
     def hint_loss(self, student, teacher) -> torch.Tensor:
-        """Σ_i MSE(r_i(F_s^i), F_t^i), unweighted."""
+        """Σ_i MSE(r_i(F_s^i), F_t^i), unweighted; over real tokens only for hidden states."""
         pairs = zip(self.regressors, stage_taps(self.config))
+        if self.tokens:
+            return sum(real_token_mean((regressor(student[tap]) - teacher[tap]).pow(2).mean(-1), student[MASK])
+                       for regressor, tap in pairs)
         return sum(F.mse_loss(regressor(student[tap]), teacher[tap]) for regressor, tap in pairs)
 
     def loss(self, student, teacher, target, progress):

@@ -43,6 +43,13 @@ Deviations:
   nothing for the non-negative (post-ReLU) features compared here but would for signed features.
 - F_C pools the last stage's output; the reference pools the input of its classifier (the same for a ResNet,
   while cnn1d's classifier reads the flattened, unpooled map). Head convolutions have no bias (BN follows).
+- Transformer hidden states (L, H) (taps with a ``mask``, kdbench.features): the head is applied per token,
+  Linear(H_i, m) → GELU → Linear(m, H_deep) with m = max(1, H_deep // 4) (the bottleneck's widths, with the
+  transformer's own activation, no batch norm, and no final ReLU since hidden states are signed), and GAP
+  becomes the mean over the real tokens (padding left out); F_C is that mean of the last layer's hidden states
+  (the student's own classifier reads [CLS] through BERT's pooler instead). Self-distillation from the deepest
+  classifier into per-layer classifiers of a BERT is FastBERT's scheme (Liu et al., ACL 2020), whose branches
+  sit after every layer; the sst2 suite puts heads after every student layer but the last.
 """
 
 import torch
@@ -51,6 +58,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from kdbench.errors import KdbenchError
+from kdbench.features import MASK, is_token_sequence, token_mean
 from kdbench.losses import kd_loss
 from kdbench.method import Method, MethodConfig, register_method
 
@@ -93,7 +101,19 @@ def bottleneck(in_shape: tuple[int, ...], deep_shape: tuple[int, ...]) -> nn.Seq
     )
 
 
-def check_feature_map(tap: str, shape: tuple[int, ...], deep_shape: tuple[int, ...]) -> None:
+def token_head(in_shape: tuple[int, ...], deep_shape: tuple[int, ...]) -> nn.Sequential:
+    """The bottleneck for hidden states (L, H_i), per token: → (B, L, H_deep); pooled over real tokens after."""
+    deep = deep_shape[-1]
+    mid = max(1, deep // 4)
+    return nn.Sequential(nn.Linear(in_shape[-1], mid), nn.GELU(), nn.Linear(mid, deep))
+
+
+def check_feature_map(tap: str, shape: tuple[int, ...], deep_shape: tuple[int, ...], tokens: bool = False) -> None:
+    if tokens:
+        if len(shape) != 2 or len(deep_shape) != 2 or shape[0] != deep_shape[0]:
+            raise KdbenchError(f"self_distillation: {tap} has shape {shape} and stage:-1 {deep_shape}; "
+                               "hidden states must be (L, H) with the same length L")
+        return
     if len(shape) not in (2, 3) or len(shape) != len(deep_shape):
         raise KdbenchError(
             f"self_distillation: {tap} has shape {shape} and stage:-1 {deep_shape}; auxiliary heads need "
@@ -113,10 +133,13 @@ class SelfDistillation(Method):
         super().__init__(config, student_shapes, teacher_shapes)
         deep_shape = student_shapes["stage:-1"]
         (num_classes,) = student_shapes["logits"]
+        self.tokens = is_token_sequence(student_shapes)
         for tap in self.stage_taps(config):
-            check_feature_map(tap, student_shapes[tap], deep_shape)
-        self.bottlenecks = nn.ModuleList(bottleneck(student_shapes[tap], deep_shape) for tap in self.stage_taps(config))
-        self.classifiers = nn.ModuleList(nn.Linear(deep_shape[0], num_classes) for _ in config.stages)
+            check_feature_map(tap, student_shapes[tap], deep_shape, self.tokens)
+        head = token_head if self.tokens else bottleneck
+        self.bottlenecks = nn.ModuleList(head(student_shapes[tap], deep_shape) for tap in self.stage_taps(config))
+        width = deep_shape[-1] if self.tokens else deep_shape[0]
+        self.classifiers = nn.ModuleList(nn.Linear(width, num_classes) for _ in config.stages)
 
     @staticmethod
     def stage_taps(config: SelfDistillationConfig) -> list[str]:
@@ -129,10 +152,12 @@ class SelfDistillation(Method):
     def loss(self, student, teacher, target, progress):
         c = self.config
         z_deep = student["logits"]
-        teacher_logits, teacher_feature = z_deep.detach(), global_pool(student["stage:-1"]).detach()
+        pool = (lambda f: token_mean(f, student[MASK])) if self.tokens else (lambda f: f)
+        deep = token_mean(student["stage:-1"], student[MASK]) if self.tokens else global_pool(student["stage:-1"])
+        teacher_logits, teacher_feature = z_deep.detach(), deep.detach()
         aux_ce = kd = hint = z_deep.new_zeros(())
         for tap, head, classifier in zip(self.stage_taps(c), self.bottlenecks, self.classifiers):
-            feature = head(student[tap])
+            feature = pool(head(student[tap]))
             logits = classifier(feature)
             aux_ce = aux_ce + F.cross_entropy(logits, target)
             kd = kd + kd_loss(logits, teacher_logits, c.temperature)

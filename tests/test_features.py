@@ -42,3 +42,48 @@ def test_probe_shapes(model):
 def test_bad_taps_are_named(model, tap, message):
     with pytest.raises(KdbenchError, match=message):
         FeatureTaps(model, [tap])
+
+
+@pytest.mark.parametrize(
+    "tap, message",
+    [("hidden:0", "is for transformers"), ("attn:0", "lists no attention modules"), ("mask", "padded token sequences")],
+)
+def test_transformer_taps_on_a_cnn_are_named(model, tap, message):
+    with pytest.raises(KdbenchError, match=message):
+        FeatureTaps(model, [tap])
+
+
+class TupleLayers(torch.nn.Module):
+    """A toy 'transformer': layers and an attention module that return tuples, as Hugging Face modules do."""
+
+    class Layer(torch.nn.Module):
+        def forward(self, x):
+            return x + 1, "extra"
+
+    class Attention(torch.nn.Module):
+        def forward(self, x):
+            return x * 2, torch.softmax(x, -1)
+
+    def __init__(self):
+        super().__init__()
+        self.layer0, self.attention = self.Layer(), self.Attention()
+        self.stages, self.attentions = ("layer0",), ("attention",)
+
+    @staticmethod
+    def token_mask(x):
+        return (x[..., 0] > 0).long()
+
+    def forward(self, x):
+        return self.attention(self.layer0(x)[0])[0].sum(1)
+
+
+def test_tuple_outputs_hidden_attention_and_mask():
+    toy, x = TupleLayers(), torch.randn(2, 3, 4)
+    out = FeatureTaps(toy, ["hidden:0", "stage:0", "module:layer0", "attn:0"])(x)
+    for tap in ("hidden:0", "stage:0", "module:layer0"):
+        torch.testing.assert_close(out[tap], x + 1)  # element 0 of a tuple
+    torch.testing.assert_close(out["attn:0"], torch.softmax(x + 1, -1))  # attn: element 1
+    torch.testing.assert_close(out["mask"], (x[..., 0] > 0).long())  # always there for token models
+    assert probe_shapes(toy, ["attn:0"], x) == {"logits": (4,), "attn:0": (3, 4), "mask": (3,)}
+    with pytest.raises(KdbenchError, match=r"has 1 layers \(use attn:0"):
+        FeatureTaps(toy, ["attn:3"])

@@ -94,4 +94,4 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-from kdbench.models import cifar, convnets, timm_zoo  # noqa: F401  (register the CIFAR zoo, the small CPU-tier nets, the timm ImageNet pair)
+from kdbench.models import bert, cifar, convnets, timm_zoo  # noqa: F401  (register the CIFAR zoo, the small CPU-tier nets, the timm ImageNet pair, the BERT pair)

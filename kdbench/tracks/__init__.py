@@ -41,6 +41,12 @@ class Split:
     def batches(self, batch_size: int, generator: torch.Generator | None = None, train: bool = False
                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Shuffled full batches with a generator (the last partial one dropped); all samples in order without."""
+        for _, x, y in self.indexed_batches(batch_size, generator, train):
+            yield x, y
+
+    def indexed_batches(self, batch_size: int, generator: torch.Generator | None = None, train: bool = False
+                        ) -> Iterator[tuple[torch.Tensor | slice, torch.Tensor, torch.Tensor]]:
+        """As ``batches``, each batch with the indices of its samples (to read cached teacher outputs)."""
         if generator is None:
             chunks = (slice(i, i + batch_size) for i in range(0, len(self), batch_size))
         else:
@@ -50,7 +56,7 @@ class Split:
             x = self.x[idx]
             if train and self.augment is not None:
                 x = self.augment(x, generator)
-            yield (self.transform(x) if self.transform else x), self.y[idx]
+            yield idx, (self.transform(x) if self.transform else x), self.y[idx]
 
     def sample(self, n: int) -> torch.Tensor:
         """The first ``n`` inputs, transformed as for evaluation (shape probes, FLOPs, latency)."""
@@ -127,4 +133,4 @@ def float_split(x: np.ndarray, y: np.ndarray) -> Split:
     return Split(torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.long))
 
 
-from kdbench.tracks import cifar, imagenet, small  # noqa: F401  (registers the tracks)
+from kdbench.tracks import cifar, imagenet, small, sst2  # noqa: F401  (registers the tracks)

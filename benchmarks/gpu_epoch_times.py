@@ -1,0 +1,64 @@
+"""GPU check and epoch timings: the CIFAR-100 smoke suite on CUDA, then one epoch of the CRD protocol per pair
+(and per method on resnet32x4 → resnet8x4) on full-size data: random pixels written in the native format, since
+the timing, not the accuracy, is what is measured. Writes ``summary.json`` to ``$OUT`` (default /tmp/gpu_out).
+
+    python benchmarks/gpu_epoch_times.py [cuda|cpu]
+"""
+import dataclasses
+import json
+import os
+import pickle
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kdbench.runner import Context, preflight, run_one
+from kdbench.suite import expand, load_suite
+
+device = sys.argv[1] if len(sys.argv) > 1 else "cuda"
+n_train, n_test = (50000, 10000) if device == "cuda" else (1000, 200)
+out = Path(os.environ.get("OUT", "/tmp/gpu_out"))
+out.mkdir(parents=True, exist_ok=True)
+root = Path("/tmp/kd_data")
+folder = root / "cifar-100-python"
+folder.mkdir(parents=True, exist_ok=True)
+rng = np.random.default_rng(0)
+for name, n in (("train", n_train), ("test", n_test)):
+    batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"fine_labels": [int(v) for v in np.arange(n) % 100]}
+    (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+os.environ["KDBENCH_HOME"] = "/tmp/kd_home"
+summary = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "torch": torch.__version__}
+ctx = Context(root, device=device)
+
+smoke = expand(load_suite("cifar100-smoke"))[: int(os.environ.get("SMOKE_RUNS", "24"))]
+preflight(smoke, ctx)
+start = time.perf_counter()
+summary["smoke"] = []
+for spec in smoke:
+    rec = run_one(spec, out / "smoke", ctx, mirror=None)
+    summary["smoke"].append([spec.label(), rec["status"], rec["env"]["gpu"], rec["metrics"] and rec["metrics"]["test_top1"]])
+summary["smoke_seconds"] = time.perf_counter() - start
+print("smoke done", summary["smoke_seconds"], flush=True)
+
+full = expand(load_suite("cifar100"), seeds=(0,))
+epoch_runs = [s for s in full if s.method == "vanilla_kd"] + [s for s in full if s.student == "resnet8x4" and s.method != "vanilla_kd"]
+summary["one_epoch"] = []
+for spec in epoch_runs:
+    one = spec.train.model_copy(update={"epochs": 1})
+    spec = dataclasses.replace(spec, suite="gpu-check", train=one, teacher_train=one)
+    t0 = time.perf_counter()
+    rec = run_one(spec, out / "epoch", ctx, mirror=None)
+    m = rec["metrics"] or {}
+    row = {"run": spec.label(), "status": rec["status"], "wall_s": time.perf_counter() - t0,
+           "train_seconds": m.get("train_seconds"), "latency_b1_ms": m.get("latency_b1_ms"),
+           "teacher_latency_b1_ms": m.get("teacher_latency_b1_ms"), "throughput_bN": m.get("throughput_bN"),
+           "teacher_throughput_bN": m.get("teacher_throughput_bN")}
+    summary["one_epoch"].append(row)
+    if os.environ.get("ONE_EPOCH_RUNS") and len(summary["one_epoch"]) >= int(os.environ["ONE_EPOCH_RUNS"]):
+        break
+    print(json.dumps(row), flush=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+print("done", flush=True)

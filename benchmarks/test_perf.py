@@ -1,0 +1,149 @@
+"""Performance benchmarks (pytest-benchmark): run with ``nox -s perf`` (or ``pytest benchmarks``).
+
+Each comparison is measured in one run on one machine and reported as a ratio by ``benchmarks/perf_report.py``:
+- kdbench's training loop against a minimal hand-written PyTorch loop doing the same math (vanilla KD on the
+  MNIST-1D pair of the cpu suite, same batch, same models, one epoch with its validation pass);
+- the same loop with cached against uncached teacher outputs (the trained weights must be identical);
+- the spread of the latency measurement: 10 repeated measurements of the same model.
+Nothing here asserts a time; the assertions check that the compared paths compute the same thing.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kdbench.features import FeatureTaps
+from kdbench.measure import latency, predict, top1
+from kdbench.method import METHODS
+from kdbench.models import create_model
+from kdbench.runner import Context, _build_methods, track_data
+from kdbench.suite import expand, load_suite
+from kdbench.teacher_cache import cached_teacher_outputs
+from kdbench.train import fit, load_or_train_teacher, make_optimizer, make_scheduler
+
+ROUNDS = 5
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """The cpu suite's MNIST-1D vanilla_kd run, one epoch, with its trained (cached) teacher."""
+    spec = expand(load_suite("cpu"), methods=["vanilla_kd"], tracks=["mnist1d"], seeds=(0,))[0]
+    torch.set_num_threads(spec.measure.threads)
+    torch.use_deterministic_algorithms(True)
+    data = track_data(spec, Context())
+    teacher, key = load_or_train_teacher(spec.track, data, spec.teacher, spec.teacher_train, spec.teacher_seed)
+    cfg = spec.train.model_copy(update={"epochs": 1})
+    return spec, data, teacher, key, cfg
+
+
+def _fresh(spec, data, teacher):
+    torch.manual_seed(spec.seed)
+    student = create_model(spec.student, data.num_classes, data.in_shape)
+    (method,) = _build_methods([spec], data, student, teacher)
+    return student, method
+
+
+def _kdbench_epoch(setup, cached: bool):
+    spec, data, teacher, key, cfg = setup
+    outputs = cached_teacher_outputs(teacher, METHODS.get("vanilla_kd").taps(None)[1], data.train, key)[0]
+    state = {}
+
+    def prepare():
+        state["student"], state["method"] = _fresh(spec, data, teacher)
+        return (), {}
+
+    def run():
+        fit(state["student"], state["method"], teacher, data, cfg, spec.seed,
+            teacher_outputs=outputs if cached else None)
+
+    return state, prepare, run
+
+
+def test_kdbench_loop(benchmark, setup):
+    state, prepare, run = _kdbench_epoch(setup, cached=False)
+    benchmark.group = "training loop (vanilla KD, MNIST-1D, 1 epoch)"
+    benchmark.pedantic(run, setup=prepare, rounds=ROUNDS)
+    setup_state["uncached"] = {k: v.clone() for k, v in state["student"].state_dict().items()}
+
+
+def test_handwritten_loop(benchmark, setup):
+    """The same math as kdbench's vanilla_kd step, written out: no taps, no term dicts, no checks."""
+    spec, data, teacher, _, cfg = setup
+    c = spec.method_config
+    temperature, ce_weight, kd_weight = c["temperature"], c["ce_weight"], c["kd_weight"]
+    state = {}
+
+    def prepare():
+        torch.manual_seed(spec.seed)
+        state["student"] = create_model(spec.student, data.num_classes, data.in_shape)
+        return (), {}
+
+    def run():
+        student = state["student"]
+        order = torch.Generator().manual_seed(spec.seed)
+        steps = len(data.train) // cfg.batch_size
+        optimizer = make_optimizer(student.parameters(), cfg)
+        scheduler = make_scheduler(optimizer, cfg, steps)
+        student.train()
+        perm = torch.randperm(len(data.train), generator=order)
+        for i in range(steps):
+            idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+            x, y = data.train.x[idx], data.train.y[idx]
+            with torch.no_grad():
+                t_logits = teacher(x)
+            logits = student(x)
+            kd = F.kl_div(F.log_softmax(logits / temperature, 1), F.log_softmax(t_logits / temperature, 1),
+                          reduction="batchmean", log_target=True) * temperature**2
+            loss = ce_weight * F.cross_entropy(logits, y) + kd_weight * kd
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+        top1(predict(student, data.val), data.val.y)
+
+    benchmark.group = "training loop (vanilla KD, MNIST-1D, 1 epoch)"
+    benchmark.pedantic(run, setup=prepare, rounds=ROUNDS)
+    setup_state["handwritten"] = {k: v.clone() for k, v in state["student"].state_dict().items()}
+
+
+def test_kdbench_loop_cached_teacher(benchmark, setup):
+    state, prepare, run = _kdbench_epoch(setup, cached=True)
+    benchmark.group = "training loop (vanilla KD, MNIST-1D, 1 epoch)"
+    benchmark.pedantic(run, setup=prepare, rounds=ROUNDS)
+    setup_state["cached"] = {k: v.clone() for k, v in state["student"].state_dict().items()}
+
+
+setup_state: dict = {}
+
+
+def test_the_three_loops_train_the_same_weights():
+    """Same math, bit for bit: hand-written, kdbench, kdbench with cached teacher outputs."""
+    if len(setup_state) < 3:
+        pytest.skip("needs the three loop benchmarks of this file")
+    for name in ("handwritten", "cached"):
+        assert all(torch.equal(setup_state[name][k], v) for k, v in setup_state["uncached"].items()), name
+
+
+@pytest.mark.parametrize("model", ["cnn1d_w8", "cnn1d_w32"])
+def test_latency_repeatability(benchmark, setup, model):
+    """10 repeated batch-1 latency measurements of one model, as every run measures it; the report gives
+    their coefficient of variation."""
+    spec, data, *_ = setup
+    torch.manual_seed(0)
+    net = create_model(model, data.num_classes, data.in_shape)
+    sample = data.test.sample(1)
+    m = spec.measure
+    values = []
+    benchmark.group = "latency measurement (10 repeats)"
+    benchmark.pedantic(lambda: values.append(latency(net, sample, 1, m.threads, m.min_run_time)[0]), rounds=10)
+    benchmark.extra_info["latency_ms"] = values
+
+
+def test_taps_add_no_work(setup):
+    """FeatureTaps returns the model's own logits (the kdbench path computes what the hand-written one does)."""
+    _, data, teacher, *_ = setup
+    x = data.train.x[:8]
+    with torch.no_grad():
+        assert torch.equal(FeatureTaps(teacher, ())(x)["logits"], teacher(x))
