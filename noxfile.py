@@ -8,10 +8,11 @@ nox.options.reuse_existing_virtualenvs = True  # torch is large: build each venv
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The test suite (fast tests; add `-- -m slow` for the slow ones), then the leaderboard check."""
+    """The test suite (fast; `-- -m slow` for the slow tests), then the leaderboard and methods-page checks."""
     session.install("-e", ".[test]")
     session.run("pytest", *session.posargs)
     session.run("kdbench", "leaderboard", "--check")
+    session.run("kdbench", "methods-page", "--check")
 
 
 @nox.session

@@ -12,16 +12,45 @@ from tabulate import tabulate
 
 from kdbench.errors import KdbenchError
 
-EXAMPLES = {
-    "list": "examples:\n  kdbench list methods\n  kdbench list models",
-    "run": (
-        "examples:\n  kdbench run --suite cpu\n"
-        "  kdbench run --suite cpu --track mnist1d --method vanilla_kd --seeds 0 --results-dir /tmp/r"
-    ),
-    "leaderboard": "examples:\n  kdbench leaderboard\n  kdbench leaderboard --check",
-    "verify": "examples:\n  kdbench verify results/cpu/mnist1d/cnn1d_w32--cnn1d_w8/vanilla_kd/seed0.json",
-    "sync": "examples:\n  MLFLOW_TRACKING_URI=http://mlflow.example:5000 kdbench sync",
-    "ui": "examples:\n  kdbench ui --port 5000",
+EXAMPLES = {  # shown under "examples:" in each command's --help
+    "list": [
+        "kdbench list methods    # one line each: version, teacher needed, taps, summary",
+        "kdbench list pairs      # teacher:student pairs per track and suite (for run --pair)",
+        "kdbench list models     # every model with its parameter count",
+    ],
+    "run": [
+        "kdbench run --suite cpu    # the CPU tier: every method, 3 seeds, records under results/",
+        "kdbench run --suite cpu --track mnist1d --method vanilla_kd --seeds 0 --results-dir /tmp/r",
+        "kdbench run --suite cifar100 --data-root ~/data --pair resnet32x4:resnet8x4 --method fitnets --device cuda:0",
+        "kdbench run --suite cifar100-smoke --data-root ~/data --download --device cpu    # one epoch, a few batches",
+    ],
+    "leaderboard": [
+        "kdbench leaderboard            # regenerate leaderboard.md from results/",
+        "kdbench leaderboard --check    # what CI runs: exit 1 if leaderboard.md is stale",
+        "kdbench leaderboard --results-dir /tmp/r --output /tmp/r/leaderboard.md",
+    ],
+    "verify": [
+        "kdbench verify results/cpu/mnist1d/cnn1d_w32--cnn1d_w8/vanilla_kd/seed0.json",
+        ("kdbench verify results/cifar100/cifar100/resnet32x4--resnet8x4/fitnets/seed0.json --data-root ~/data "
+         "--device cuda"),
+    ],
+    "sync": [
+        "kdbench sync                   # into the local store (.kdbench/mlflow.db)",
+        "MLFLOW_TRACKING_URI=http://mlflow.example:5000 kdbench sync --results-dir results",
+    ],
+    "ui": [
+        "kdbench ui                     # http://127.0.0.1:5000 on the local store",
+        "KDBENCH_HOME=/tmp/kd kdbench ui --port 5001",
+    ],
+    "new-method": [
+        "kdbench new-method my_kd                       # writes methods/my_kd.py; then CONTRIBUTING.md",
+        "kdbench new-method my_kd --dir ~/kd_methods    # then export KDBENCH_METHODS_PATH=~/kd_methods",
+    ],
+    "methods-page": [
+        "kdbench methods-page            # regenerate methods/README.md from the method docstrings",
+        "kdbench methods-page --check    # what CI runs: exit 1 if methods/README.md is stale",
+        "kdbench methods-page --output /tmp/methods.md",
+    ],
 }
 
 
@@ -36,8 +65,10 @@ def cmd_list(args) -> int:
     from kdbench.tracks import TRACKS
 
     if args.what == "methods":
-        rows = [(n, METHODS.get(n).version, (METHODS.get(n).__doc__ or "").strip().splitlines()[0]) for n in METHODS]
-        headers = ["method", "version", "summary"]
+        from kdbench.methods_page import summary, taps_text, teacher_text
+
+        rows = [(c.name, c.version, teacher_text(c), taps_text(c), summary(c)) for c in map(METHODS.get, METHODS)]
+        headers = ["method", "version", "teacher", "taps (default config)", "summary"]
     elif args.what == "models":
         rows = []
         for name in MODELS:
@@ -67,7 +98,8 @@ def cmd_list(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from kdbench.runner import is_finished, preflight, run_one
+    from kdbench.executor import auto_workers, execute
+    from kdbench.runner import is_finished, preflight
     from kdbench.suite import expand, load_suite, parse_seeds
 
     suite = load_suite(args.suite)
@@ -78,23 +110,31 @@ def cmd_run(args) -> int:
     results_dir = Path(args.results_dir)
     log = (lambda msg: print(msg, file=sys.stderr, flush=True))
     todo = [s for s in specs if args.force or not is_finished(results_dir, s)]
-    started, summary = time.perf_counter(), []
+    outcome = {}
     for spec in specs:
         if spec not in todo:
             log(f"skipped {spec.label()}: a finished record with this config exists (--force redoes it)")
-            summary.append((spec.label(), "skipped", ""))
-            continue
-        done = len(summary) - (len(specs) - len(todo))  # runs trained so far
-        elapsed = time.perf_counter() - started
-        eta = f", ETA {elapsed / done * (len(todo) - done):.0f}s" if done else ""
-        log(f"[{done + 1}/{len(todo)}] {spec.label()}{eta}")
-        record = run_one(spec, results_dir, ctx, log if args.verbose else None)
+            outcome[spec.label()] = ("skipped", "")
+    workers = auto_workers(todo, ctx) if args.workers == "auto" else _positive(args.workers, "--workers")
+    log(f"{len(todo)} run(s) to train, {min(workers, len(todo))} at a time")
+    started = time.perf_counter()
+    for done, (spec, record) in enumerate(execute(todo, results_dir, ctx, workers, log if args.verbose else None), 1):
         top1 = record["metrics"]["test_top1"] if record["metrics"] else None
-        log(f"    {record['status']}: test top-1 {top1:.2f}%" if top1 is not None else f"    {record['status']}: {record['error']}")
-        summary.append((spec.label(), record["status"], f"{top1:.2f}" if top1 is not None else record["error"]))
+        elapsed = time.perf_counter() - started
+        eta = f"; ETA {elapsed / done * (len(todo) - done):.0f}s" if done < len(todo) else ""
+        result = f"test top-1 {top1:.2f}%" if top1 is not None else record["error"]
+        log(f"[{done}/{len(todo)}] {spec.label()}: {record['status']}, {result} ({elapsed:.0f}s elapsed{eta})")
+        outcome[spec.label()] = (record["status"], f"{top1:.2f}" if top1 is not None else record["error"])
+    summary = [(s.label(), *outcome[s.label()]) for s in specs]
     print(tabulate(summary, headers=["run", "status", "test top-1 %"], tablefmt="simple", disable_numparse=True))
     print(f"{len(todo)} of {len(specs)} runs trained in {time.perf_counter() - started:.1f}s; records under {results_dir}")
     return 0
+
+
+def _positive(text: str, flag: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise KdbenchError(f"{flag} {text!r}: expected a whole number ≥ 1 or 'auto'")
+    return int(text)
 
 
 def _context(args, tier: str):
@@ -116,12 +156,45 @@ def _context(args, tier: str):
 
 def cmd_leaderboard(args) -> int:
     from kdbench.leaderboard import write_or_check
+    from kdbench.plots import PLOT_DIR
 
     ok = write_or_check(Path(args.results_dir), Path(args.output), args.check)
     if args.check:
-        print(f"{args.output} is up to date" if ok else f"{args.output} differs from what {args.results_dir} gives; run `kdbench leaderboard`")
+        print(f"{args.output} and its plots are up to date" if ok else f"{args.output} or its plots differ from what {args.results_dir} gives; run `kdbench leaderboard`")
     else:
-        print(f"wrote {args.output}")
+        print(f"wrote {args.output} and its plots under {Path(args.output).parent / PLOT_DIR}")
+    return 0 if ok else 1
+
+
+def cmd_new_method(args) -> int:
+    from kdbench.method import DEFAULT_METHODS_DIR
+    from kdbench.template import write_method_file
+
+    directory = Path(args.dir).resolve() if args.dir else DEFAULT_METHODS_DIR
+    path = write_method_file(args.name, directory)
+    n = args.name
+    found = "" if directory == DEFAULT_METHODS_DIR else f"  0. export KDBENCH_METHODS_PATH={directory}\n"
+    print(f"wrote {path}: method {n}, registered but unfinished (its loss raises NotImplementedError).\n"
+          f"Next (CONTRIBUTING.md):\n{found}"
+          "  1. fill in the docstring (paper, reference implementation, formula, defaults and their sources,\n"
+          "     Deviations:), the Config fields, taps and loss\n"
+          f"  2. pytest tests/test_method_contract.py -k {n}    # then once with --update-golden\n"
+          f"  3. tests/test_{n}.py: your loss's values computed by hand on fixed tensors\n"
+          f"  4. kdbench run --suite cpu --method {n}    # 3 seeds, records under results/\n"
+          "  5. kdbench leaderboard && kdbench methods-page    # commit both with the records")
+    return 0
+
+
+def cmd_methods_page(args) -> int:
+    from kdbench.method import DEFAULT_METHODS_DIR
+    from kdbench.methods_page import write_or_check
+
+    output = Path(args.output) if args.output else DEFAULT_METHODS_DIR / "README.md"
+    ok = write_or_check(output, args.check)
+    if args.check:
+        print(f"{output} is up to date" if ok else f"{output} is stale; run `kdbench methods-page`")
+    else:
+        print(f"wrote {output}")
     return 0 if ok else 1
 
 
@@ -151,12 +224,12 @@ def cmd_sync(args) -> int:
 
 
 def cmd_ui(args) -> int:
-    from kdbench.tracking import local_artifacts_uri, local_store_uri, tracking_uri
+    from kdbench.tracking import artifacts_uri, tracking_uri
 
     uri = tracking_uri()
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--port", str(args.port)]
-    if uri == local_store_uri():
-        cmd += ["--default-artifact-root", local_artifacts_uri()]
+    if artifacts_uri(uri):
+        cmd += ["--default-artifact-root", artifacts_uri(uri)]
     print(f"MLflow UI on http://127.0.0.1:{args.port} for {uri}", file=sys.stderr)
     os.execv(sys.executable, cmd)
 
@@ -167,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name, help_):
-        return sub.add_parser(name, help=help_, description=help_, epilog=EXAMPLES[name],
+        epilog = "examples:\n" + "\n".join(f"  {example}" for example in EXAMPLES[name])
+        return sub.add_parser(name, help=help_, description=help_, epilog=epilog,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
 
     p = add("list", "list registered methods, models, tracks, suites or pairs")
@@ -185,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--download", action="store_true", help="download a missing dataset where the track can (CIFAR)")
     p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default auto: cuda for GPU-tier suites "
                    "when one is present, else cpu)")
+    p.add_argument("--workers", default="auto", help="runs at once on this machine (default auto: one per share of "
+                   "the CPUs that a run's training threads need; 1 on a GPU)")
     p.add_argument("--force", action="store_true", help="redo runs that already have a finished record")
     p.add_argument("-v", "--verbose", action="store_true", help="print every epoch")
     p.set_defaults(func=cmd_run)
@@ -194,6 +270,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="leaderboard.md")
     p.add_argument("--check", action="store_true", help="write nothing; exit 1 if the file is out of date")
     p.set_defaults(func=cmd_leaderboard)
+
+    p = add("new-method", "write methods/NAME.py from the method template (registered, unfinished)")
+    p.add_argument("name", help="the method's name: a Python identifier, also its file name")
+    p.add_argument("--dir", help="folder to write into (default: the repository's methods/)")
+    p.set_defaults(func=cmd_new_method)
+
+    p = add("methods-page", "regenerate methods/README.md from each method's docstring and Config")
+    p.add_argument("--output", help="default: methods/README.md in the repository")
+    p.add_argument("--check", action="store_true", help="write nothing; exit 1 if the file is out of date")
+    p.set_defaults(func=cmd_methods_page)
 
     p = add("verify", "re-run a record's config and seed; compare accuracy and agreement exactly (exit 1 on mismatch)")
     p.add_argument("record", help="path of a run record (JSON)")

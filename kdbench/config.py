@@ -26,6 +26,9 @@ class TrainConfig(pydantic.BaseModel):
     schedule: Literal["onecycle", "cosine", "multistep", "constant", "linear"] = "onecycle"
     milestones: tuple[int, ...] = ()
     gamma: float = Field(default=0.1, gt=0, le=1)
+    # CPU threads while training: part of the config because a different count can change results in the last bit;
+    # None leaves torch's default (all cores), 1 suits tiny models and lets `--workers` run one run per core
+    threads: int | None = Field(default=None, gt=0)
 
 
 class MeasureConfig(pydantic.BaseModel):

@@ -11,12 +11,26 @@ from pathlib import Path
 import torch
 
 from kdbench.config import RunSpec, sha256_of
+from kdbench.errors import KdbenchError
 from kdbench.features import MASK, probe_shapes
+from kdbench.machine import exclusive_use
 from kdbench.measure import cost_metrics, predict, top1
 from kdbench.method import METHODS
-from kdbench.models import count_params, create_model, model_device, pretrained_path, weights_digest
-from kdbench.errors import KdbenchError
-from kdbench.records import environment, git_state, load_record, now_iso, record_path, write_record
+from kdbench.models import (
+    count_params,
+    create_model,
+    model_device,
+    pretrained_path,
+    weights_digest,
+)
+from kdbench.records import (
+    environment,
+    git_state,
+    load_record,
+    now_iso,
+    record_path,
+    write_record,
+)
 from kdbench.teacher_cache import cached_teacher_outputs
 from kdbench.tracking import log_run
 from kdbench.tracks import TrackData, load_track
@@ -161,8 +175,9 @@ def _metrics(spec: RunSpec, student, method, teacher, data: TrackData, train_sec
     preds = predict(student, data.test)
     teacher_preds = predict(teacher, data.test)
     sample = data.test.sample(1)
-    student_cost = cost_metrics(student, sample, m.threads, m.throughput_batch, m.min_run_time)
-    teacher_cost = cost_metrics(teacher, sample, m.threads, m.throughput_batch, m.min_run_time)
+    with exclusive_use():  # no parallel run trains while these are timed
+        student_cost = cost_metrics(student, sample, m.threads, m.throughput_batch, m.min_run_time)
+        teacher_cost = cost_metrics(teacher, sample, m.threads, m.throughput_batch, m.min_run_time)
     return {
         "test_top1": top1(preds, data.test.y),
         "val_top1": top1(predict(student, data.val), data.val.y),

@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import warnings
+from pathlib import Path
 
 from filelock import FileLock
 
@@ -20,10 +21,6 @@ from kdbench.train import kdbench_home
 
 def local_store_uri() -> str:
     return f"sqlite:///{kdbench_home() / 'mlflow.db'}"
-
-
-def local_artifacts_uri() -> str:
-    return (kdbench_home() / "mlartifacts").as_uri()
 
 
 def tracking_uri() -> str:
@@ -41,13 +38,20 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def artifacts_uri(uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: beside an sqlite database (``mlartifacts/`` in its folder,
+    not MLflow's default ``./mlruns`` in whatever folder kdbench runs from); a server decides for itself."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+
+
 def _experiment_id(mlflow, name: str) -> str:
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    # (mlflow.set_tracking_uri also sets MLFLOW_TRACKING_URI, so compare URIs rather than look at the variable)
-    artifacts = local_artifacts_uri() if tracking_uri() == local_store_uri() else None
-    return mlflow.create_experiment(name, artifact_location=artifacts)
+    # (mlflow.set_tracking_uri also sets MLFLOW_TRACKING_URI, so read the URI the run uses)
+    return mlflow.create_experiment(name, artifact_location=artifacts_uri(tracking_uri()))
 
 
 def record_key(record: dict) -> str:

@@ -18,6 +18,7 @@ from torch import nn
 from kdbench.config import TrainConfig, sha256_of
 from kdbench.errors import KdbenchError
 from kdbench.features import FeatureTaps
+from kdbench.machine import training_share
 from kdbench.measure import predict, top1
 from kdbench.method import Method, MethodConfig, SupervisedOnly
 from kdbench.models import create_model, model_device, pretrained_path, weights_digest
@@ -93,6 +94,8 @@ def fit(
     resumes from it, ending with the same weights as an uninterrupted run. With ``teacher_outputs`` (an
     un-augmented split) the teacher is not run: each batch reads its rows of the cached outputs.
     """
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     torch.manual_seed(seed)
     order = torch.Generator().manual_seed(seed)
     device = model_device(student)
@@ -119,31 +122,32 @@ def fit(
     try:
         for epoch in range(len(history), cfg.epochs):
             sums: dict[str, float] = defaultdict(float)
-            if teacher_outputs is None:
-                batches = ((None, x, y) for x, y in data.train.batches(cfg.batch_size, order, train=True))
-            else:
-                batches = data.train.indexed_batches(cfg.batch_size, order, train=True)
-            for i, (idx, x, y) in enumerate(batches):
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                step = epoch * steps_per_epoch + i
-                progress = step / total_steps
-                if teacher_outputs is not None:
-                    t_out = teacher_outputs.rows(idx, device)
+            with training_share():  # a parallel run's timing waits for the end of this epoch
+                if teacher_outputs is None:
+                    batches = ((None, x, y) for x, y in data.train.batches(cfg.batch_size, order, train=True))
                 else:
-                    with torch.no_grad():
-                        t_out = teacher_tapper(x) if teacher_tapper else None
-                s_out = student_tapper(x)
-                terms = method.loss(s_out, t_out, y, progress)
-                loss = _step(optimizer, terms, f"loss at epoch {epoch + 1}, step {step}")
-                scheduler.step()
-                if adversary_optimizer is not None:
-                    adv_terms = method.adversary_loss(_detached(s_out), _detached(t_out), y)
-                    _step(adversary_optimizer, adv_terms, f"adversary loss at epoch {epoch + 1}, step {step}")
-                    terms = {**terms, **{f"adversary_{k}": v for k, v in adv_terms.items()}}
-                method.on_step_end(progress)
-                for k, v in terms.items():
-                    sums[k] += v.item()
-                sums["loss"] += loss.item()
+                    batches = data.train.indexed_batches(cfg.batch_size, order, train=True)
+                for i, (idx, x, y) in enumerate(batches):
+                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    step = epoch * steps_per_epoch + i
+                    progress = step / total_steps
+                    if teacher_outputs is not None:
+                        t_out = teacher_outputs.rows(idx, device)
+                    else:
+                        with torch.no_grad():
+                            t_out = teacher_tapper(x) if teacher_tapper else None
+                    s_out = student_tapper(x)
+                    terms = method.loss(s_out, t_out, y, progress)
+                    loss = _step(optimizer, terms, f"loss at epoch {epoch + 1}, step {step}")
+                    scheduler.step()
+                    if adversary_optimizer is not None:
+                        adv_terms = method.adversary_loss(_detached(s_out), _detached(t_out), y)
+                        _step(adversary_optimizer, adv_terms, f"adversary loss at epoch {epoch + 1}, step {step}")
+                        terms = {**terms, **{f"adversary_{k}": v for k, v in adv_terms.items()}}
+                    method.on_step_end(progress)
+                    for k, v in terms.items():
+                        sums[k] += v.item()
+                    sums["loss"] += loss.item()
             row = {"epoch": epoch + 1, **{f"train_{k}": v / steps_per_epoch for k, v in sums.items()}}
             row["val_top1"] = top1(predict(student, data.val), data.val.y)
             history.append(row)

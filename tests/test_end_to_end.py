@@ -64,6 +64,8 @@ def test_every_run_is_in_mlflow(finished_run):
     client = mlflow.MlflowClient()
     curve = client.get_metric_history(runs["run_id"].iloc[0], "val_top1")
     assert [p.step for p in curve] == [1, 2]
+    # artifacts sit beside the sqlite database, never in ./mlruns of the folder kdbench ran from
+    assert set(runs["artifact_uri"].str.startswith((finished_run / "mlartifacts").as_uri())) == {True}
 
 
 def test_leaderboard_and_check(finished_run, capsys):

@@ -1,0 +1,299 @@
+"""The Python API: distill, evaluate and measure a user's own torch models (timm and transformers included).
+
+``distill`` runs the benchmark's own pieces on the user's pair: the method from the registry, its config
+validated, taps resolved on the user's modules, the one training loop (``kdbench.train.fit``), the same
+measurements, and an MLflow run shaped like a benchmark run's (suite ``api``, track ``custom``).
+
+Models are read through a thin adapter: a forward that returns a Hugging Face ``ModelOutput`` is read through
+its ``.logits``, and stages (for taps ``stage:<i>``) are the dotted module names the user gives, or the model's
+own ``stages``. The user's models are never edited: no attribute is set on them; the teacher gets back its
+training mode and ``requires_grad`` flags after the call. The student is trained in place and returned in eval
+mode.
+"""
+
+from __future__ import annotations
+
+import difflib
+import time
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import pydantic
+import torch
+from torch import nn
+
+from kdbench.config import MeasureConfig, TrainConfig, sha256_of
+from kdbench.errors import KdbenchError
+from kdbench.features import probe_shapes
+from kdbench.measure import cost_metrics, predict, top1
+from kdbench.method import METHODS, format_validation_error, validate_config
+from kdbench.models import count_params
+from kdbench.records import Record, environment, git_state, now_iso
+from kdbench.runner import deterministic
+from kdbench.tracking import log_run
+from kdbench.tracks import TrackData
+from kdbench.tracks.custom import LoaderSplit, as_split, hold_out
+from kdbench.train import DivergedError, fit
+
+DEFAULT_BATCH = 64  # for (X, y) tensors, at most the training set; a DataLoader batches by itself
+
+
+@dataclass(frozen=True)
+class DistillReport:
+    """What ``distill`` measured, on the test split when ``test_data`` was given, else on the validation split."""
+
+    method: str
+    split: str  # "test" or "validation": where accuracy, agreement, FLOPs and latency were measured
+    student_top1: float  # percent
+    teacher_top1: float
+    agreement: float  # percent of samples where student and teacher predict the same class
+    student_params: int
+    teacher_params: int
+    extra_params: int  # the method's own trainable modules (a regressor, ...), never part of the student
+    student_flops: int  # forward FLOPs per sample
+    teacher_flops: int
+    student_latency_ms: float  # batch 1, median
+    teacher_latency_ms: float
+    student_throughput: float  # samples/s at batch ``throughput_batch``
+    teacher_throughput: float
+    throughput_batch: int
+    train_seconds: float
+    history: list[dict]  # per epoch: training loss terms and validation top-1
+    logged: bool  # whether the run reached MLflow
+
+    @classmethod
+    def from_metrics(cls, method: str, split: str, m: dict, history: list[dict], logged: bool) -> DistillReport:
+        """From the metrics of a run record (``_metrics``)."""
+        return cls(method=method, split=split, student_top1=m["test_top1"], teacher_top1=m["teacher_top1"],
+                   agreement=m["agreement"], student_params=m["params"], teacher_params=m["teacher_params"],
+                   extra_params=m["extra_params"], student_flops=m["flops"], teacher_flops=m["teacher_flops"],
+                   student_latency_ms=m["latency_b1_ms"], teacher_latency_ms=m["teacher_latency_b1_ms"],
+                   student_throughput=m["throughput_bN"], teacher_throughput=m["teacher_throughput_bN"],
+                   throughput_batch=m["throughput_batch"], train_seconds=m["train_seconds"], history=history,
+                   logged=logged)
+
+    def summary(self) -> str:
+        """One line: the student against its teacher, in accuracy, size and latency."""
+        retained = 100 * self.student_top1 / self.teacher_top1 if self.teacher_top1 else float("nan")
+        return (f"student {self.student_top1:.1f} % vs teacher {self.teacher_top1:.1f} % top-1 on the {self.split} "
+                f"split: retains {retained:.1f} % of the teacher's accuracy at "
+                f"{_times(self.teacher_params / self.student_params, 'fewer parameters', 'more parameters')} and "
+                f"{_times(self.teacher_latency_ms / self.student_latency_ms, 'lower latency', 'higher latency')}")
+
+
+def _times(ratio: float, smaller: str, larger: str) -> str:
+    return f"{ratio:.1f}× {smaller}" if ratio >= 1 else f"{1 / ratio:.1f}× {larger}"
+
+
+def distill(teacher: nn.Module, student: nn.Module, data, method: str = "vanilla_kd", *, epochs: int = 10,
+            batch_size: int | None = None, lr: float = 1e-3, optimizer: str = "adamw", schedule: str = "onecycle",
+            weight_decay: float = 0.0, seed: int = 0, device: str = "cpu", val_data=None, test_data=None,
+            student_stages: Sequence[str] | None = None, teacher_stages: Sequence[str] | None = None,
+            timing: dict | None = None, log: bool = True, **hyperparameters) -> tuple[nn.Module, DistillReport]:
+    """Train ``student`` from ``teacher`` with a registered method; returns (the trained student, its report).
+
+    ``data``, ``val_data``, ``test_data``: ``(X, y)`` tensors or DataLoaders (``kdbench.tracks.custom``).
+    Without ``val_data`` a fixed, stratified 10 % of ``data`` is held out; without ``test_data`` the report is
+    measured on the validation split. ``hyperparameters`` go to the method's config (``kdbench list methods``);
+    ``student_stages``/``teacher_stages`` are dotted module names for the taps ``stage:<i>``; ``timing``
+    overrides the measurement settings (``threads``, ``throughput_batch``, ``min_run_time``). The run is
+    logged to MLflow unless ``log=False``.
+    """
+    cls = METHODS.get(method)
+    config = validate_config(cls, hyperparameters)
+    dev = _device(device)
+    dtype = next(student.parameters()).dtype
+    train = as_split(data, "data", dtype)
+    description = {"kind": "DataLoader" if isinstance(train, LoaderSplit) else "tensors"}
+    if val_data is None:
+        train, val, description["validation"] = hold_out(train)
+    else:
+        val = as_split(val_data, "val_data", dtype)
+    train_cfg = _validated(TrainConfig, "training settings", epochs=epochs, batch_size=_batch_size(train, batch_size),
+                           lr=lr, optimizer=optimizer, schedule=schedule, weight_decay=weight_decay)
+    measure_cfg = _validated(MeasureConfig, "timing", **(timing or {}))
+    test = val if test_data is None else as_split(test_data, "test_data", dtype)
+    description |= {"train": len(train), "val": len(val), "report_split": "validation" if test_data is None else "test"}
+    s_model, t_model = _Adapted(student, student_stages, "student"), _Adapted(teacher, teacher_stages, "teacher")
+    s_taps, t_taps = cls.taps(config)
+    s_model.require_stages(s_taps, method)
+    t_model.require_stages(t_taps if cls.needs_teacher else (), method)
+    student.to(dev)
+    teacher.to(dev)
+    with _borrowed(teacher, device):
+        sample = train.sample(2).to(dev)
+        s_shapes = probe_shapes(s_model, s_taps, sample)
+        t_shapes = probe_shapes(t_model, t_taps if cls.needs_teacher else (), sample)
+        _check_classes(s_shapes["logits"], t_shapes["logits"], val.y)
+        torch.manual_seed(seed)  # the method's own modules start from the run's seed
+        built = cls(config, s_shapes, t_shapes).to(dev)
+        track = TrackData(train, val, test, num_classes=s_shapes["logits"][0], in_shape=tuple(sample.shape[1:]),
+                          description=description)
+        run_config = {
+            "track": "custom", "data": description, "teacher": type(teacher).__name__,
+            "student": type(student).__name__, "method": method, "method_version": cls.version,
+            "method_config": config.model_dump(mode="json"), "train": train_cfg.model_dump(mode="json"),
+            "measure": measure_cfg.model_dump(mode="json"),
+            "stages": {"student": list(s_model.given), "teacher": list(t_model.given)},
+        }
+        start = time.perf_counter()
+        try:
+            history = fit(s_model, built, t_model, track, train_cfg, seed)
+        except DivergedError as exc:
+            if log:
+                log_run(_record(run_config, seed, device, measure_cfg, "failed", None, [], f"diverged: {exc}"))
+            raise
+        metrics = _metrics(s_model, t_model, built, track, measure_cfg, time.perf_counter() - start, epochs)
+    logged = log and log_run(_record(run_config, seed, device, measure_cfg, "finished", metrics, history))
+    return student.eval(), DistillReport.from_metrics(method, description["report_split"], metrics, history, logged)
+
+
+def evaluate(model: nn.Module, data, teacher: nn.Module | None = None) -> float | tuple[float, float]:
+    """Top-1 accuracy (%) of ``model`` on ``data`` (``(X, y)`` tensors or a DataLoader), in eval mode; with
+    ``teacher``, (top-1, agreement): agreement is the percent of samples where both predict the same class."""
+    split = as_split(data, "data", next(model.parameters()).dtype)
+    preds = predict(_Adapted(model), split)
+    if teacher is None:
+        return top1(preds, split.y)
+    return top1(preds, split.y), top1(preds, predict(_Adapted(teacher), split))
+
+
+def measure(model: nn.Module, sample: torch.Tensor, **timing) -> dict:
+    """Size and speed of ``model`` on its device: params, FLOPs per sample, batch-1 latency (median and IQR, ms)
+    and throughput (samples/s at ``throughput_batch``). ``sample``: inputs with a batch dimension (the first is
+    used); ``timing``: ``threads`` (2), ``throughput_batch`` (256), ``min_run_time`` (0.5 s)."""
+    cfg = _validated(MeasureConfig, "timing", **timing)
+    x = torch.as_tensor(sample)[:1]
+    x = x.to(next(model.parameters()).dtype) if x.is_floating_point() else x
+    return cost_metrics(model, x, cfg.threads, cfg.throughput_batch, cfg.min_run_time)
+
+
+class _Adapted(nn.Module):
+    """A user's model in kdbench's model contract: forward returns logits, ``stages`` lists dotted module names."""
+
+    def __init__(self, model: nn.Module, stages: Sequence[str] | None = None, who: str = "model"):
+        super().__init__()
+        self.model = model
+        self.who = who
+        self.given = tuple(stages or ())
+        for name in self.given:
+            _check_module(model, name, who)
+        own = self.given if stages is not None else tuple(getattr(model, "stages", ()))
+        self.stages = tuple(f"model.{name}" for name in own)
+        self.attentions = tuple(f"model.{name}" for name in getattr(model, "attentions", ()))
+        if hasattr(model, "token_mask"):
+            self.token_mask = model.token_mask
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        if isinstance(out, torch.Tensor):
+            return out
+        logits = getattr(out, "logits", None)
+        if not isinstance(logits, torch.Tensor):
+            raise KdbenchError(f"the {self.who} ({type(self.model).__name__}) returns {type(out).__name__}: "
+                               "its forward must return logits (batch, classes) or an output with .logits")
+        return logits
+
+    def require_stages(self, taps, method: str) -> None:
+        """A method that reads ``stage:<i>`` needs stages: name them when the model does not list its own."""
+        wanted = [t for t in taps if t.startswith("stage:")]
+        if wanted and not self.stages:
+            children = ", ".join(name for name, _ in self.model.named_children())
+            raise KdbenchError(f"method {method} reads {wanted[0]} of the {self.who}: pass {self.who}_stages="
+                               f"[dotted module names] (its top-level modules: {children or 'none'})")
+
+
+def _check_module(model: nn.Module, name: str, who: str) -> None:
+    names = [n for n, _ in model.named_modules() if n]
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
+        hint = "close names" if close else "top-level modules"
+        listed = close or [n for n in names if "." not in n]
+        raise KdbenchError(f"{who}_stages: {type(model).__name__} has no module {name!r}; {hint}: {', '.join(listed)}")
+
+
+def _check_classes(student_logits: tuple, teacher_logits: tuple, labels: torch.Tensor) -> None:
+    if student_logits != teacher_logits:
+        raise KdbenchError(f"the student's logits have shape {student_logits} and the teacher's {teacher_logits}: "
+                           "both must score the same classes")
+    if len(student_logits) != 1 or int(labels.max()) >= student_logits[0]:
+        raise KdbenchError(f"labels go up to {int(labels.max())} but the models' logits have shape {student_logits}; "
+                           "expected (batch, classes) with classes > every label")
+
+
+def _device(device: str) -> torch.device:
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise KdbenchError(f"device {device!r} is not a torch device (cpu, cuda, cuda:1, mps, …)") from None
+
+
+def _batch_size(train, batch_size: int | None) -> int:
+    """The given one; by default ``DEFAULT_BATCH`` (at most the training set) for tensors, a DataLoader's own."""
+    if not isinstance(train, LoaderSplit):
+        return min(DEFAULT_BATCH, len(train)) if batch_size is None else batch_size
+    if batch_size not in (None, train.loader.batch_size):
+        raise KdbenchError(f"batch_size {batch_size}: the DataLoader batches by itself (batch size "
+                           f"{train.loader.batch_size}); leave batch_size out")
+    return train.loader.batch_size
+
+
+def _validated(model: type[pydantic.BaseModel], what: str, **values):
+    try:
+        return model(**values)
+    except pydantic.ValidationError as exc:
+        raise KdbenchError(f"{what}: {format_validation_error(exc)}") from None
+
+
+@contextmanager
+def _borrowed(teacher: nn.Module, device: str):
+    """Deterministic kernels as in benchmark runs; afterwards the previous setting and the teacher's training
+    mode and ``requires_grad`` flags come back."""
+    grads = [p.requires_grad for p in teacher.parameters()]
+    mode = teacher.training
+    was = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    deterministic(device)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was[0], warn_only=was[1])
+        teacher.train(mode)
+        for p, flag in zip(teacher.parameters(), grads):
+            p.requires_grad_(flag)
+
+
+def _metrics(student: nn.Module, teacher: nn.Module, method: nn.Module, data: TrackData, m: MeasureConfig,
+             train_seconds: float, epochs: int) -> dict:
+    """The metrics of a benchmark record (``kdbench.runner``), on ``data.test``; sizes and timings of the
+    user's models themselves, not of their adapters."""
+    preds, teacher_preds = predict(student, data.test), predict(teacher, data.test)
+    sample = data.test.sample(1)
+    student_cost = cost_metrics(student.model, sample, m.threads, m.throughput_batch, m.min_run_time)
+    teacher_cost = cost_metrics(teacher.model, sample, m.threads, m.throughput_batch, m.min_run_time)
+    return {
+        "test_top1": top1(preds, data.test.y),
+        "val_top1": top1(predict(student, data.val), data.val.y),
+        "teacher_top1": top1(teacher_preds, data.test.y),
+        "agreement": top1(preds, teacher_preds),
+        **student_cost,
+        "extra_params": count_params(method),
+        "train_seconds": train_seconds,
+        "epochs": epochs,
+        **{f"teacher_{k}": v for k, v in teacher_cost.items() if k != "throughput_batch"},
+    }
+
+
+def _record(config: dict, seed: int, device: str, m: MeasureConfig, status: str, metrics: dict | None,
+            history: list[dict], error: str | None = None) -> dict:
+    """A run record shaped like a benchmark run's (``kdbench.records.Record``), for the MLflow mirror."""
+    commit, dirty = git_state()
+    record = {
+        "schema_version": 1, "suite": "api", "track": "custom", "teacher": config["teacher"],
+        "student": config["student"], "method": config["method"], "method_version": config["method_version"],
+        "seed": seed, "status": status, "error": error, "config": config, "config_sha256": sha256_of(config),
+        "git_commit": commit, "git_dirty": dirty, "created_at": now_iso(), "env": environment(m.threads, device),
+        "metrics": metrics, "history": history,
+    }
+    Record.model_validate(record)
+    return record
