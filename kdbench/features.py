@@ -120,14 +120,18 @@ class FeatureTaps:
 
 
 @torch.no_grad()
-def probe_shapes(model: nn.Module, taps: Iterable[str], sample: torch.Tensor) -> dict[str, tuple[int, ...]]:
-    """Shapes (without the batch dimension) of each tap, from one dry forward pass in eval mode."""
+def probe(model: nn.Module, taps: Iterable[str], sample: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every tap's output on ``sample[:2]``, from one dry forward pass in eval mode."""
     was_training = model.training
     model.eval()
     tapper = FeatureTaps(model, taps)
     try:
-        outputs = tapper(sample[:2])
+        return tapper(sample[:2])
     finally:
         tapper.remove()
         model.train(was_training)
-    return {name: tuple(value.shape[1:]) for name, value in outputs.items()}
+
+
+def probe_shapes(model: nn.Module, taps: Iterable[str], sample: torch.Tensor) -> dict[str, tuple[int, ...]]:
+    """Shapes (without the batch dimension) of each tap, from one dry forward pass in eval mode."""
+    return {name: tuple(value.shape[1:]) for name, value in probe(model, taps, sample).items()}

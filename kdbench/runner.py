@@ -12,7 +12,7 @@ import torch
 
 from kdbench.config import RunSpec, sha256_of
 from kdbench.errors import KdbenchError
-from kdbench.features import MASK, probe_shapes
+from kdbench.features import MASK, probe
 from kdbench.machine import exclusive_use
 from kdbench.measure import cost_metrics, predict, top1
 from kdbench.method import METHODS
@@ -125,22 +125,42 @@ def pretrained_digests(spec: RunSpec, ctx: Context) -> dict[str, str]:
     return {name: weights_digest(path) for name, path in paths.items() if path is not None}
 
 
-def _build_methods(specs: list[RunSpec], data: TrackData, student, teacher) -> list:
-    """The runs' methods (all on this pair), their extra modules shaped by one dry forward pass of each model."""
+def _build_methods(specs: list[RunSpec], data: TrackData, student, teacher, dry_loss: bool = False) -> list:
+    """The runs' methods (all on this pair), their extra modules shaped by one dry forward pass of each model;
+    with ``dry_loss`` each method's loss is also computed once on that pass, so a loss that fails does so now."""
     built = []
     for spec in specs:
         cls = METHODS.get(spec.method)
         config = cls.Config(**spec.method_config)
-        built.append((cls, config, *cls.taps(config)))
+        built.append((spec, cls, config, *cls.taps(config)))
     sample = data.train.sample(2).to(model_device(student))
-    student_shapes = probe_shapes(student, {tap for *_, taps, _ in built for tap in taps}, sample)
-    teacher_shapes = probe_shapes(teacher, {tap for *_, taps in built for tap in taps}, sample)
+    student_out = probe(student, {tap for *_, taps, _ in built for tap in taps}, sample)
+    teacher_out = probe(teacher, {tap for *_, taps in built for tap in taps}, sample)
+    target = data.train.y[:2].to(student_out["logits"].device)
 
-    def own(shapes: dict, taps) -> dict:  # the method's taps, and the padding mask of token models (kdbench.features)
-        return {t: shapes[t] for t in (*taps, MASK) if t in shapes}
+    def own(outputs: dict, taps) -> dict:  # the method's taps, and the padding mask of token models (kdbench.features)
+        return {t: outputs[t] for t in (*taps, MASK) if t in outputs}
 
-    return [cls(config, own(student_shapes, s_taps), own(teacher_shapes, t_taps))
-            for cls, config, s_taps, t_taps in built]
+    def shapes(outputs: dict) -> dict:
+        return {name: tuple(value.shape[1:]) for name, value in outputs.items()}
+
+    methods = []
+    for spec, cls, config, s_taps, t_taps in built:
+        method = cls(config, shapes(own(student_out, s_taps)), shapes(own(teacher_out, t_taps)))
+        if dry_loss and target.device.type != "meta":  # shape-only (meta) models cannot compute a loss
+            _dry_loss(spec, method, own(student_out, s_taps), own(teacher_out, t_taps), target)
+        methods.append(method)
+    return methods
+
+
+def _dry_loss(spec: RunSpec, method, student_out: dict, teacher_out: dict, target) -> None:
+    try:
+        with torch.no_grad():
+            method.loss(student_out, teacher_out if method.needs_teacher else None, target, 0.0)
+    except Exception as exc:  # noqa: BLE001 - whatever the method raises is reported in one line before training
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise KdbenchError(f"method {spec.method} fails on a dry batch of {spec.track} {spec.pair}: "
+                           f"{type(exc).__name__}: {first}") from None
 
 
 def deterministic(device: str) -> None:
@@ -161,7 +181,7 @@ def preflight(specs: list[RunSpec], ctx: Context = Context()) -> None:
         pretrained_digests(spec, ctx)  # a missing weights file fails here, before anything trains
         models = [create_model(name, data.num_classes, data.in_shape, random_init=True)
                   for name in (spec.student, spec.teacher)]
-        _build_methods(list(pair_specs.values()), data, *models)
+        _build_methods(list(pair_specs.values()), data, *models, dry_loss=True)
 
 
 def _progress(spec: RunSpec, log):

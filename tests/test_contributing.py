@@ -44,6 +44,21 @@ def test_new_method_writes_a_registered_unfinished_method(tmp_path, capsys):
     assert "NotImplementedError: my_kd.loss is not written yet: return a dict of named, already weighted" in done.stdout
 
 
+def test_an_unfinished_method_stops_a_run_before_anything_trains(tmp_path, tiny_suite):
+    """The preflight computes each method's loss once on a dry batch: the template's NotImplementedError is one
+    line and exit 2, not a traceback halfway through a suite."""
+    assert main(["new-method", "my_kd", "--dir", str(tmp_path)]) == 0
+    env = {**os.environ, "KDBENCH_METHODS_PATH": str(tmp_path)}
+    args = ["run", "--suite", str(tiny_suite), "--method", "my_kd", "--results-dir", str(tmp_path / "r")]
+    done = subprocess.run([sys.executable, "-m", "kdbench", *args], env=env, capture_output=True, text=True,
+                          timeout=300, check=False)
+    err = done.stderr.strip()
+    assert done.returncode == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("kdbench: error: method my_kd fails on a dry batch of mnist1d cnn1d_w8:cnn1d_w4: "
+                          "NotImplementedError: my_kd.loss is not written yet")
+    assert not (tmp_path / "r").exists()
+
+
 @pytest.mark.parametrize(
     "name, message",
     [
