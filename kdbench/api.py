@@ -28,9 +28,8 @@ from kdbench.errors import KdbenchError
 from kdbench.features import probe_shapes
 from kdbench.measure import cost_metrics, predict, top1
 from kdbench.method import METHODS, format_validation_error, validate_config
-from kdbench.models import count_params
 from kdbench.records import Record, environment, git_state, now_iso
-from kdbench.runner import deterministic
+from kdbench.runner import deterministic, run_metrics
 from kdbench.tracking import log_run
 from kdbench.tracks import TrackData
 from kdbench.tracks.custom import LoaderSplit, as_split, hold_out
@@ -144,7 +143,8 @@ def distill(teacher: nn.Module, student: nn.Module, data, method: str = "vanilla
             if log:
                 log_run(_record(run_config, seed, device, measure_cfg, "failed", None, [], f"diverged: {exc}"))
             raise
-        metrics = _metrics(s_model, t_model, built, track, measure_cfg, time.perf_counter() - start, epochs)
+        metrics = run_metrics(s_model, built, t_model, track, measure_cfg, time.perf_counter() - start, epochs,
+                              timed=(s_model.model, t_model.model))
     logged = log and log_run(_record(run_config, seed, device, measure_cfg, "finished", metrics, history))
     return student.eval(), DistillReport.from_metrics(method, description["report_split"], metrics, history, logged)
 
@@ -261,27 +261,6 @@ def _borrowed(teacher: nn.Module, device: str):
         teacher.train(mode)
         for p, flag in zip(teacher.parameters(), grads):
             p.requires_grad_(flag)
-
-
-def _metrics(student: nn.Module, teacher: nn.Module, method: nn.Module, data: TrackData, m: MeasureConfig,
-             train_seconds: float, epochs: int) -> dict:
-    """The metrics of a benchmark record (``kdbench.runner``), on ``data.test``; sizes and timings of the
-    user's models themselves, not of their adapters."""
-    preds, teacher_preds = predict(student, data.test), predict(teacher, data.test)
-    sample = data.test.sample(1)
-    student_cost = cost_metrics(student.model, sample, m.threads, m.throughput_batch, m.min_run_time)
-    teacher_cost = cost_metrics(teacher.model, sample, m.threads, m.throughput_batch, m.min_run_time)
-    return {
-        "test_top1": top1(preds, data.test.y),
-        "val_top1": top1(predict(student, data.val), data.val.y),
-        "teacher_top1": top1(teacher_preds, data.test.y),
-        "agreement": top1(preds, teacher_preds),
-        **student_cost,
-        "extra_params": count_params(method),
-        "train_seconds": train_seconds,
-        "epochs": epochs,
-        **{f"teacher_{k}": v for k, v in teacher_cost.items() if k != "throughput_batch"},
-    }
 
 
 def _record(config: dict, seed: int, device: str, m: MeasureConfig, status: str, metrics: dict | None,

@@ -9,8 +9,9 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from kdbench.config import RunSpec, sha256_of
+from kdbench.config import MeasureConfig, RunSpec, sha256_of
 from kdbench.errors import KdbenchError
 from kdbench.features import MASK, probe
 from kdbench.machine import exclusive_use
@@ -97,7 +98,8 @@ def run_one(spec: RunSpec, results_dir: Path, ctx: Context = Context(), log=None
     except DivergedError as exc:
         record.update(status="failed", error=f"diverged: {exc}", metrics=None)
     else:
-        record.update(status="finished", metrics=_metrics(spec, student, method, teacher, data, time.perf_counter() - start))
+        record.update(status="finished", metrics=run_metrics(student, method, teacher, data, spec.measure,
+                                                                time.perf_counter() - start, spec.train.epochs))
     record["history"] = history
     write_record(record_path(results_dir, spec), record)
     checkpoint.unlink(missing_ok=True)
@@ -190,14 +192,17 @@ def _progress(spec: RunSpec, log):
     return lambda row: log(f"  epoch {row['epoch']}/{spec.train.epochs}  loss {row['train_loss']:.4f}  val {row['val_top1']:.1f}%")
 
 
-def _metrics(spec: RunSpec, student, method, teacher, data: TrackData, train_seconds: float) -> dict:
-    m = spec.measure
+def run_metrics(student, method, teacher, data: TrackData, m: MeasureConfig, train_seconds: float, epochs: int,
+                timed: tuple[nn.Module, nn.Module] | None = None) -> dict:
+    """A record's metrics: accuracy and agreement on ``data.test``, then size and speed of ``timed`` (the student
+    and the teacher themselves by default; the Python API passes the user's models inside their adapters)."""
     preds = predict(student, data.test)
     teacher_preds = predict(teacher, data.test)
     sample = data.test.sample(1)
+    timed_student, timed_teacher = timed or (student, teacher)
     with exclusive_use():  # no parallel run trains while these are timed
-        student_cost = cost_metrics(student, sample, m.threads, m.throughput_batch, m.min_run_time)
-        teacher_cost = cost_metrics(teacher, sample, m.threads, m.throughput_batch, m.min_run_time)
+        student_cost = cost_metrics(timed_student, sample, m.threads, m.throughput_batch, m.min_run_time)
+        teacher_cost = cost_metrics(timed_teacher, sample, m.threads, m.throughput_batch, m.min_run_time)
     return {
         "test_top1": top1(preds, data.test.y),
         "val_top1": top1(predict(student, data.val), data.val.y),
@@ -206,6 +211,6 @@ def _metrics(spec: RunSpec, student, method, teacher, data: TrackData, train_sec
         **student_cost,
         "extra_params": count_params(method),
         "train_seconds": train_seconds,
-        "epochs": spec.train.epochs,
+        "epochs": epochs,
         **{f"teacher_{k}": v for k, v in teacher_cost.items() if k != "throughput_batch"},
     }
