@@ -36,6 +36,22 @@ def isolated_home(session_home, monkeypatch):
     return session_home
 
 
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, session_home):
+    """The tiny suite run once per test module (2 methods × 2 seeds) with its own MLflow store; its folder."""
+    from kdbench.cli import main
+
+    root = tmp_path_factory.mktemp("tiny-run")
+    suite = root / "tiny.yaml"
+    suite.write_text(TINY_SUITE)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("KDBENCH_HOME", str(session_home))
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    assert main(["run", "--suite", str(suite), "--results-dir", str(root / "results")]) == 0
+    mp.undo()
+    return root
+
+
 @pytest.fixture
 def tiny_suite(tmp_path):
     path = tmp_path / "tiny.yaml"

@@ -11,22 +11,6 @@ from kdbench.leaderboard import render
 from kdbench.records import load_records
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, session_home):
-    """Run the tiny suite once for the module (2 methods × 2 seeds)."""
-    root = tmp_path_factory.mktemp("e2e")
-    suite = root / "tiny.yaml"
-    from conftest import TINY_SUITE
-
-    suite.write_text(TINY_SUITE)
-    mp = pytest.MonkeyPatch()
-    mp.setenv("KDBENCH_HOME", str(session_home))
-    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-    assert main(["run", "--suite", str(suite), "--results-dir", str(root / "results")]) == 0
-    mp.undo()
-    return root
-
-
 def test_records_have_every_field(finished_run):
     records = load_records(finished_run / "results")
     assert len(records) == 4
