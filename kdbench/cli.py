@@ -23,6 +23,7 @@ EXAMPLES = {  # shown under "examples:" in each command's --help
         "kdbench run --suite cpu --track mnist1d --method vanilla_kd --seeds 0 --results-dir /tmp/r",
         "kdbench run --suite cifar100 --data-root ~/data --pair resnet32x4:resnet8x4 --method fitnets --device cuda:0",
         "kdbench run --suite cifar100-smoke --data-root ~/data --download --device cpu    # one epoch, a few batches",
+        "kdbench run --suite cpu --executor ray --address auto    # the grid as tasks on a running Ray cluster",
     ],
     "leaderboard": [
         "kdbench leaderboard            # regenerate leaderboard.md from results/",
@@ -98,27 +99,51 @@ def cmd_list(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from kdbench.executor import auto_workers, execute
-    from kdbench.runner import is_finished, preflight
+    """``kdbench run``; under torchrun every process runs it, and leaves the process group at the end."""
+    from kdbench.distributed import leave
+
+    try:
+        return _run(args)
+    finally:
+        leave()
+
+
+def _run(args) -> int:
+    from kdbench.distributed import is_main
+    from kdbench.executor import auto_workers, execute, execute_on_ray
+    from kdbench.runner import is_finished, preflight, run_one
     from kdbench.suite import expand, load_suite, parse_seeds
 
+    if args.executor == "ray" and args.workers != "auto":
+        raise KdbenchError("--workers is for the local executor; on Ray each run takes the CPUs its threads need")
+    if args.executor == "local" and args.address:
+        raise KdbenchError("--address names a Ray cluster: add --executor ray")
     suite = load_suite(args.suite)
     seeds = parse_seeds(args.seeds) if args.seeds else None
     specs = expand(suite, _split_list(args.method), _split_list(args.track), _split_list(args.pair), seeds)
-    ctx = _context(args, suite.tier)
+    specs, ctx = _distributed(args, specs, _context(args, suite.tier))
     preflight(specs, ctx)
     results_dir = Path(args.results_dir)
     log = (lambda msg: print(msg, file=sys.stderr, flush=True))
     todo = [s for s in specs if args.force or not is_finished(results_dir, s)]
+    if not is_main(ctx.ranks):  # the other DDP processes train each run with the main one, which reports
+        for spec in todo:
+            run_one(spec, results_dir, ctx)
+        return 0
     outcome = {}
     for spec in specs:
         if spec not in todo:
             log(f"skipped {spec.label()}: a finished record with this config exists (--force redoes it)")
             outcome[spec.label()] = ("skipped", "")
-    workers = auto_workers(todo, ctx) if args.workers == "auto" else _positive(args.workers, "--workers")
-    log(f"{len(todo)} run(s) to train, {min(workers, len(todo))} at a time")
+    if args.executor == "ray":
+        log(f"{len(todo)} run(s) to train as Ray tasks")
+        runs = execute_on_ray(todo, results_dir, ctx, args.address, log) if todo else iter(())
+    else:
+        workers = auto_workers(todo, ctx) if args.workers == "auto" else _positive(args.workers, "--workers")
+        log(f"{len(todo)} run(s) to train, {min(workers, len(todo))} at a time")
+        runs = execute(todo, results_dir, ctx, workers, log if args.verbose else None)
     started = time.perf_counter()
-    for done, (spec, record) in enumerate(execute(todo, results_dir, ctx, workers, log if args.verbose else None), 1):
+    for done, (spec, record) in enumerate(runs, 1):
         top1 = record["metrics"]["test_top1"] if record["metrics"] else None
         elapsed = time.perf_counter() - started
         eta = f"; ETA {elapsed / done * (len(todo) - done):.0f}s" if done < len(todo) else ""
@@ -129,6 +154,25 @@ def cmd_run(args) -> int:
     print(tabulate(summary, headers=["run", "status", "test top-1 %"], tablefmt="simple", disable_numparse=True))
     print(f"{len(todo)} of {len(specs)} runs trained in {time.perf_counter() - started:.1f}s; records under {results_dir}")
     return 0
+
+
+def _distributed(args, specs, ctx):
+    """Under torchrun with several processes: every run trains with DDP on all of them, one run at a time, so
+    each global batch must split evenly; joins the process group (kdbench.distributed). Else (specs, ctx) as given."""
+    from dataclasses import replace
+
+    from kdbench.distributed import init, launched_world_size, per_rank_batch
+
+    world_size = launched_world_size()
+    if world_size == 1:
+        return specs, ctx
+    if args.executor != "local" or args.workers not in ("auto", "1"):
+        raise KdbenchError("under torchrun all processes train each run together, one run at a time: "
+                           "drop --workers and --executor")
+    for spec in specs:
+        per_rank_batch(spec.train.batch_size, world_size)
+    ranks = init(ctx.device)
+    return [replace(s, world_size=world_size) for s in specs], replace(ctx, device=ranks.device, ranks=ranks)
 
 
 def _positive(text: str, flag: str) -> int:
@@ -261,6 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "when one is present, else cpu)")
     p.add_argument("--workers", default="auto", help="runs at once on this machine (default auto: one per share of "
                    "the CPUs that a run's training threads need; 1 on a GPU)")
+    p.add_argument("--executor", choices=["local", "ray"], default="local", help="local: this machine (default); "
+                   "ray: one Ray task per run, records written here (README, Scaling out)")
+    p.add_argument("--address", help="with --executor ray: the cluster to join, e.g. ray://head:10001 or auto "
+                   "(default: start a local Ray instance)")
     p.add_argument("--force", action="store_true", help="redo runs that already have a finished record")
     p.add_argument("-v", "--verbose", action="store_true", help="print every epoch")
     p.set_defaults(func=cmd_run)

@@ -61,6 +61,7 @@ class RunSpec:
     teacher_seed: int
     measure: MeasureConfig
     limit: tuple[tuple[str, int], ...] = ()  # smoke runs: at most this many samples per split
+    world_size: int = 1  # processes training this one run with DDP (torchrun); train.batch_size is the global batch
 
     @property
     def pair(self) -> str:
@@ -68,8 +69,13 @@ class RunSpec:
 
     def config(self, data_description: dict, pretrained: dict[str, str] | None = None) -> dict:
         """The resolved config written into the record; identical across seeds, so it hashes a leaderboard row.
-        ``pretrained`` maps models that start from pretrained weights to those weights' sha256."""
-        return ({"pretrained": pretrained} if pretrained else {}) | {
+        ``pretrained`` maps models that start from pretrained weights to those weights' sha256. A DDP run's config
+        also says how its batches were split (kdbench.distributed); a single process's has no such entry."""
+        distributed = {"world_size": self.world_size, "global_batch": self.train.batch_size,
+                       "per_rank_batch": self.train.batch_size // self.world_size,
+                       "sync_batchnorm": False}  # batch norm statistics stay per process
+        return ({"pretrained": pretrained} if pretrained else {}) | (
+            {"distributed": distributed} if self.world_size > 1 else {}) | {
             "track": self.track,
             "data": data_description,
             "teacher": self.teacher,
@@ -101,7 +107,11 @@ class RunSpec:
             teacher_seed=c["teacher_seed"],
             measure=MeasureConfig(**c["measure"]),
             limit=tuple(sorted(c["data"].get("limit", {}).items())),
+            world_size=c.get("distributed", {}).get("world_size", 1),
         )
 
     def label(self) -> str:
-        return f"{self.track} {self.pair} {self.method} seed {self.seed}"
+        label = f"{self.track} {self.pair} {self.method} seed {self.seed}"
+        if self.world_size > 1:
+            label += f" (DDP on {self.world_size} processes, global batch {self.train.batch_size})"
+        return label

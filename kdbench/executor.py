@@ -1,33 +1,53 @@
-"""Where the runs of a grid execute: in this process one after another, or in N worker processes at once.
+"""Where the runs of a grid execute: in this process one after another, in N worker processes at once, or as
+Ray tasks on a cluster.
 
-Workers are separate processes (spawned, so each has its own torch thread pool); each trains with the thread
-count its config fixes, and timed measurements take the machine exclusively (kdbench.machine), so records are
-the same as a sequential run's apart from timings.
+Local workers are separate processes (spawned, so each has its own torch thread pool); each trains with the
+thread count its config fixes, and timed measurements take the machine exclusively (kdbench.machine), so
+records are the same as a sequential run's apart from timings. On Ray each run is one task holding the CPUs
+its training threads need (and one GPU on a GPU device); it logs to the MLflow store the driver names and
+returns its record, which the driver writes under the results folder.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import os
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
 from kdbench.config import RunSpec
+from kdbench.errors import KdbenchError
 from kdbench.machine import usable_cpus
-from kdbench.runner import Context, run_one
+from kdbench.records import record_path, write_record
+from kdbench.runner import Context, run_one, train_and_measure
+from kdbench.tracking import log_run, tracking_uri
+from kdbench.train import kdbench_home
+
+FORWARDED_ENV = ("KDBENCH_HOME", "MLFLOW_TRACKING_URI", "KDBENCH_METHODS_PATH", "KDBENCH_TEACHER_CACHE",
+                 "KDBENCH_TEACHER_CACHE_MB", "KDBENCH_NUM_WORKERS")
+
+
+def run_threads(spec: RunSpec) -> int | None:
+    """CPU threads a run trains with (its own and its teacher's schedule); None when torch picks (all cores)."""
+    schedules = [spec.train, *([spec.teacher_train] if spec.teacher_train else [])]
+    if any(s.threads is None for s in schedules):
+        return None
+    return max(s.threads for s in schedules)
 
 
 def auto_workers(specs: list[RunSpec], ctx: Context) -> int:
-    """One run per share of the CPUs its training threads need; one at a time on a GPU or with unset threads."""
-    if not specs or ctx.device != "cpu" or any(s.train.threads is None for s in specs):
+    """One run per share of the CPUs its training threads need; one at a time on a GPU, with unset threads or
+    under DDP (each run then takes every process)."""
+    threads = [run_threads(s) for s in specs]
+    if not specs or ctx.device != "cpu" or ctx.ranks or None in threads:
         return 1
-    threads = max(max(s.train.threads, (s.teacher_train.threads or 1) if s.teacher_train else 1) for s in specs)
-    return max(1, min(len(specs), usable_cpus() // threads))
+    return max(1, min(len(specs), usable_cpus() // max(threads)))
 
 
 def execute(specs: list[RunSpec], results_dir: Path, ctx: Context, workers: int, log=None
             ) -> Iterator[tuple[RunSpec, dict]]:
-    """Run every spec; yields (spec, record) as each finishes (in order when ``workers`` is 1)."""
+    """Run every spec on this machine; yields (spec, record) as each finishes (in order when ``workers`` is 1)."""
     if workers <= 1:
         for spec in specs:
             yield spec, run_one(spec, results_dir, ctx, log)
@@ -42,3 +62,68 @@ def execute(specs: list[RunSpec], results_dir: Path, ctx: Context, workers: int,
         finally:
             for future in pending:
                 future.cancel()
+
+
+def execute_on_ray(specs: list[RunSpec], results_dir: Path, ctx: Context, address: str | None = None, log=None
+                   ) -> Iterator[tuple[RunSpec, dict]]:
+    """Run every spec as a Ray task (a new local Ray instance without ``address``); yields (spec, record) as
+    each finishes, after writing the record. A failed task cancels the rest; records already written stay."""
+    ray = _import_ray()
+    env = _task_env(address)
+    ray.init(address=address, runtime_env={"env_vars": env}, include_dashboard=False,
+             **({} if address else {"num_cpus": usable_cpus()}))
+    try:
+        cluster = ray.cluster_resources()
+        if log:
+            store = env.get("MLFLOW_TRACKING_URI", "each node's local store (set MLFLOW_TRACKING_URI to a server)")
+            log(f"Ray cluster: {cluster.get('CPU', 0):g} CPU, {cluster.get('GPU', 0):g} GPU; runs log to MLflow at {store}")
+        task = ray.remote(_ray_task)
+        pending = {}
+        for spec in specs:
+            gpus = 0 if ctx.device == "cpu" else 1
+            if gpus > cluster.get("GPU", 0):
+                raise KdbenchError(f"--device {ctx.device}: the Ray cluster has no GPU; use --device cpu")
+            cpus = min(run_threads(spec) or usable_cpus(), cluster.get("CPU", 1))
+            pending[task.options(num_cpus=cpus, num_gpus=gpus).remote(spec, ctx)] = spec
+        try:
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                spec = pending.pop(done[0])
+                try:
+                    record = ray.get(done[0])
+                except ray.exceptions.RayTaskError as exc:
+                    cause = exc.cause if isinstance(exc.cause, Exception) else exc
+                    raise KdbenchError(f"{spec.label()} failed on Ray: {type(cause).__name__}: "
+                                       f"{str(cause).strip().splitlines()[0] if str(cause).strip() else ''}") from None
+                write_record(record_path(results_dir, spec), record)
+                yield spec, record
+        finally:
+            for ref in pending:
+                ray.cancel(ref)
+    finally:
+        ray.shutdown()
+
+
+def _ray_task(spec: RunSpec, ctx: Context) -> dict:
+    """One run on a Ray worker: train, measure, log to MLflow; the record goes back to the driver."""
+    record = train_and_measure(spec, ctx)
+    log_run(record)
+    return record
+
+
+def _task_env(address: str | None) -> dict[str, str]:
+    """The kdbench settings of the driver's environment, for its tasks. A local instance shares this machine,
+    so its tasks also get the kdbench home (teacher cache, machine lock) and the MLflow store as this process
+    resolves them; on a cluster, unset ones stay each node's own."""
+    env = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
+    if address is None:
+        env |= {"KDBENCH_HOME": str(kdbench_home()), "MLFLOW_TRACKING_URI": tracking_uri()}
+    return env
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise KdbenchError("--executor ray needs Ray: pip install 'kdbench[ray]' (or pip install ray)") from None
+    return ray

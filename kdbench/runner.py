@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from kdbench.config import MeasureConfig, RunSpec, sha256_of
+from kdbench.distributed import Ranks, barrier, is_main
 from kdbench.errors import KdbenchError
 from kdbench.features import MASK, probe
 from kdbench.machine import exclusive_use
@@ -45,6 +46,7 @@ class Context:
     data_root: Path | None = None
     download: bool = False  # fetch a dataset that is missing (only when the user asks)
     device: str = "cpu"
+    ranks: Ranks | None = None  # this process's place among the processes training each run with DDP (torchrun)
 
 
 @lru_cache(maxsize=4)
@@ -56,8 +58,26 @@ def track_data(spec: RunSpec, ctx: Context) -> TrackData:
     return _loaded(spec.track, ctx.data_root, ctx.download).limited(dict(spec.limit))
 
 
-def run_one(spec: RunSpec, results_dir: Path, ctx: Context = Context(), log=None, mirror=log_run) -> dict:
-    """Train and measure one run, write its record (also when it diverges) and mirror it (MLflow by default)."""
+def run_one(spec: RunSpec, results_dir: Path, ctx: Context = Context(), log=None, mirror=log_run) -> dict | None:
+    """Train and measure one run, write its record (also when it diverges) and mirror it (MLflow by default).
+    Under DDP every process trains and the main one alone writes and mirrors; the others return None."""
+    record = train_and_measure(spec, ctx, log)
+    if record is None:
+        return None
+    write_record(record_path(results_dir, spec), record)
+    if mirror:
+        mirror(record)
+    return record
+
+
+def train_and_measure(spec: RunSpec, ctx: Context = Context(), log=None) -> dict | None:
+    """One run's record (status ``failed`` when it diverges), written nowhere: the caller keeps it. Under DDP
+    (``ctx.ranks``) every process trains, the main one alone measures (the others wait, so timings run on an
+    idle machine) and returns the record; the others return None."""
+    world_size = ctx.ranks.world_size if ctx.ranks else 1
+    if spec.world_size != world_size:
+        raise KdbenchError(f"{spec.label()}: its config trains on {spec.world_size} process(es), this command runs "
+                           f"{world_size}; re-run it with torchrun --nproc_per_node {spec.world_size} -m kdbench run")
     torch.set_num_threads(spec.measure.threads)
     deterministic(ctx.device)
     data = track_data(spec, ctx)
@@ -85,7 +105,7 @@ def run_one(spec: RunSpec, results_dir: Path, ctx: Context = Context(), log=None
         "git_dirty": dirty,
         "created_at": now_iso(),
         "env": environment(spec.measure.threads, ctx.device),
-    }
+    } | ({"ddp_backend": ctx.ranks.backend} if ctx.ranks else {})
     teacher_outputs, record["teacher_outputs"] = (
         cached_teacher_outputs(teacher, method.taps(method.config)[1], data.train, teacher_key)
         if method.needs_teacher else (None, {"cached": False, "reason": "the method uses no teacher"}))
@@ -94,17 +114,19 @@ def run_one(spec: RunSpec, results_dir: Path, ctx: Context = Context(), log=None
     history: list[dict] = []
     try:
         history = fit(student, method, teacher, data, spec.train, spec.seed, _progress(spec, log), checkpoint,
-                      teacher_outputs)
+                      teacher_outputs, ctx.ranks)
     except DivergedError as exc:
         record.update(status="failed", error=f"diverged: {exc}", metrics=None)
     else:
-        record.update(status="finished", metrics=run_metrics(student, method, teacher, data, spec.measure,
-                                                                time.perf_counter() - start, spec.train.epochs))
+        barrier(ctx.ranks)  # every process has finished training before the main one times the models
+        if is_main(ctx.ranks):
+            record.update(status="finished", metrics=run_metrics(student, method, teacher, data, spec.measure,
+                                                                    time.perf_counter() - start, spec.train.epochs))
+    barrier(ctx.ranks)  # the other processes start nothing new while the main one measures
+    if not is_main(ctx.ranks):
+        return None
     record["history"] = history
-    write_record(record_path(results_dir, spec), record)
     checkpoint.unlink(missing_ok=True)
-    if mirror:
-        mirror(record)
     return record
 
 

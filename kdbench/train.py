@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from kdbench.config import TrainConfig, sha256_of
+from kdbench.distributed import Ranks, data_parallel, is_main, mean_over_ranks, per_rank_batch, shard
 from kdbench.errors import KdbenchError
 from kdbench.features import FeatureTaps
 from kdbench.machine import training_share
@@ -65,15 +68,42 @@ def _detached(taps: dict | None) -> dict | None:
     return None if taps is None else {k: v.detach() for k, v in taps.items()}
 
 
-def _step(optimizer: torch.optim.Optimizer, terms: dict[str, torch.Tensor], where: str) -> torch.Tensor:
-    """Sum the terms, refuse a NaN or infinite total, and take one optimizer step."""
+def _step(optimizer: torch.optim.Optimizer, terms: dict[str, torch.Tensor], where: str,
+          ranks: Ranks | None = None) -> torch.Tensor:
+    """Sum the terms, refuse a NaN or infinite total (on any process: all of them stop at the same step), and
+    take one optimizer step."""
     loss = sum(terms.values())
-    if not torch.isfinite(loss):
-        raise DivergedError(f"{where} is {loss.item()}")
+    value = mean_over_ranks(ranks, {"loss": loss.item()})["loss"]
+    if not math.isfinite(value):
+        raise DivergedError(f"{where} is {value}")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     return loss
+
+
+class _StudentStep(nn.Module):
+    """The student's forward and the method's loss as one module, so that DDP averages the gradients of the
+    student and of the method's own modules alike."""
+
+    def __init__(self, student_tapper: FeatureTaps, method: Method):
+        super().__init__()
+        self.student, self.method, self.tapper = student_tapper.model, method, student_tapper
+
+    def forward(self, x, teacher_out, target, progress):
+        student_out = self.tapper(x)
+        return student_out, self.method.loss(student_out, teacher_out, target, progress)
+
+
+class _AdversaryStep(nn.Module):
+    """The method's adversary and its loss as one module, for the adversary's own DDP wrapper."""
+
+    def __init__(self, method: Method):
+        super().__init__()
+        self.adversary, self.adversary_loss = method.adversary, method.adversary_loss
+
+    def forward(self, student_out, teacher_out, target):
+        return self.adversary_loss(student_out, teacher_out, target)
 
 
 def fit(
@@ -86,6 +116,7 @@ def fit(
     on_epoch: Callable[[dict], None] | None = None,
     checkpoint: Path | None = None,
     teacher_outputs: TeacherOutputs | None = None,
+    ranks: Ranks | None = None,
 ) -> list[dict]:
     """Train ``student`` (and the method's extra modules) on ``data.train``; returns per-epoch history.
 
@@ -93,6 +124,14 @@ def fit(
     With ``checkpoint``, the full training state is saved after every epoch and a run that finds one
     resumes from it, ending with the same weights as an uninterrupted run. With ``teacher_outputs`` (an
     un-augmented split) the teacher is not run: each batch reads its rows of the cached outputs.
+
+    With ``ranks`` (kdbench.distributed; never read from the environment here, since teachers train with this
+    loop too) this process is one of several training one model with DDP: ``cfg.batch_size`` is the global
+    batch, every process draws the same shuffled, augmented global batches and trains on its contiguous shard,
+    the gradients of the student and of the method's modules (and, separately, of its adversary) are averaged,
+    and the history holds the losses averaged over processes. Batch norm statistics stay per process (see
+    kdbench.distributed), as does any randomness inside the models (each process draws from the same seed).
+    Only the main process writes the checkpoint; every process resumes from it.
     """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -103,6 +142,8 @@ def fit(
     steps_per_epoch = n // cfg.batch_size
     if steps_per_epoch == 0:
         raise KdbenchError(f"batch_size {cfg.batch_size} exceeds the {n} training samples; lower batch_size")
+    if ranks is not None:
+        per_rank_batch(cfg.batch_size, ranks.world_size)
     total_steps = cfg.epochs * steps_per_epoch
     student_taps, teacher_taps = method.taps(method.config)
     student_tapper = FeatureTaps(student, student_taps)
@@ -111,6 +152,12 @@ def fit(
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
     adversary = getattr(method, "adversary", None)
     adversary_optimizer = method.adversary_optimizer(adversary.parameters()) if adversary is not None else None
+    student_step = _StudentStep(student_tapper, method)
+    adversary_step = _AdversaryStep(method) if adversary is not None else None
+    if ranks is not None:  # the adversary is trained by its own step: the student step's DDP leaves it alone
+        own = chain(adversary.named_parameters(), adversary.named_buffers()) if adversary is not None else ()
+        student_step = data_parallel(student_step, ranks, ignore=[f"method.adversary.{name}" for name, _ in own])
+        adversary_step = adversary_step and data_parallel(adversary_step, ranks)
     if teacher is not None:
         teacher.eval().requires_grad_(False)
     student.train()
@@ -127,7 +174,8 @@ def fit(
                     batches = ((None, x, y) for x, y in data.train.batches(cfg.batch_size, order, train=True))
                 else:
                     batches = data.train.indexed_batches(cfg.batch_size, order, train=True)
-                for i, (idx, x, y) in enumerate(batches):
+                for i, batch in enumerate(batches):
+                    idx, x, y = shard(ranks, *batch)
                     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                     step = epoch * steps_per_epoch + i
                     progress = step / total_steps
@@ -136,22 +184,23 @@ def fit(
                     else:
                         with torch.no_grad():
                             t_out = teacher_tapper(x) if teacher_tapper else None
-                    s_out = student_tapper(x)
-                    terms = method.loss(s_out, t_out, y, progress)
-                    loss = _step(optimizer, terms, f"loss at epoch {epoch + 1}, step {step}")
+                    s_out, terms = student_step(x, t_out, y, progress)
+                    loss = _step(optimizer, terms, f"loss at epoch {epoch + 1}, step {step}", ranks)
                     scheduler.step()
-                    if adversary_optimizer is not None:
-                        adv_terms = method.adversary_loss(_detached(s_out), _detached(t_out), y)
-                        _step(adversary_optimizer, adv_terms, f"adversary loss at epoch {epoch + 1}, step {step}")
+                    if adversary_step is not None:
+                        adv_terms = adversary_step(_detached(s_out), _detached(t_out), y)
+                        _step(adversary_optimizer, adv_terms, f"adversary loss at epoch {epoch + 1}, step {step}",
+                              ranks)
                         terms = {**terms, **{f"adversary_{k}": v for k, v in adv_terms.items()}}
                     method.on_step_end(progress)
                     for k, v in terms.items():
                         sums[k] += v.item()
                     sums["loss"] += loss.item()
+            sums = mean_over_ranks(ranks, sums)
             row = {"epoch": epoch + 1, **{f"train_{k}": v / steps_per_epoch for k, v in sums.items()}}
             row["val_top1"] = top1(predict(student, data.val), data.val.y)
             history.append(row)
-            if checkpoint is not None:
+            if checkpoint is not None and is_main(ranks):
                 _save_checkpoint(checkpoint, stateful, order, history)
             if on_epoch:
                 on_epoch(row)
