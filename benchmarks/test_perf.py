@@ -18,7 +18,7 @@ from kdbench.features import FeatureTaps
 from kdbench.measure import latency, predict, top1
 from kdbench.method import METHODS
 from kdbench.models import create_model
-from kdbench.runner import Context, _build_methods, track_data
+from kdbench.runner import Context, _build_methods, deterministic, track_data
 from kdbench.suite import expand, load_suite
 from kdbench.teacher_cache import cached_teacher_outputs
 from kdbench.train import fit, load_or_train_teacher, make_optimizer, make_scheduler
@@ -30,7 +30,7 @@ ROUNDS = 5
 def setup():
     """The cpu suite's MNIST-1D vanilla_kd run, one epoch, with its trained (cached) teacher."""
     spec = expand(load_suite("cpu"), methods=["vanilla_kd"], tracks=["mnist1d"], seeds=(0,))[0]
-    torch.use_deterministic_algorithms(True)
+    deterministic("cpu")  # as every run
     data = track_data(spec, Context())
     teacher, key = load_or_train_teacher(spec.track, data, spec.teacher, spec.teacher_train, spec.teacher_seed)
     cfg = spec.train.model_copy(update={"epochs": 1})

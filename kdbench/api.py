@@ -253,11 +253,13 @@ def _borrowed(teacher: nn.Module, device: str):
     grads = [p.requires_grad for p in teacher.parameters()]
     mode = teacher.training
     was = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
     deterministic(device)
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(was[0], warn_only=was[1])
+        torch.utils.deterministic.fill_uninitialized_memory = fill
         teacher.train(mode)
         for p, flag in zip(teacher.parameters(), grads):
             p.requires_grad_(flag)

@@ -30,7 +30,7 @@ from kdbench.tracks import TrackData
 if TYPE_CHECKING:
     from kdbench.teacher_cache import TeacherOutputs
 
-TEACHER_FORMAT = 2  # bump when teacher training code changes what it produces (2: seeded initial weights)
+TEACHER_FORMAT = 3  # bump when teacher training code changes what it produces (2: seeded initial weights; 3: fused AdamW)
 
 
 class DivergedError(KdbenchError):
@@ -43,9 +43,14 @@ def kdbench_home() -> Path:
 
 
 def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD as configured, or AdamW in torch's fused implementation on CPU and CUDA: one kernel for all parameters
+    instead of a handful of small ops per tensor (an AdamW step on the MNIST-1D student: 0.2 ms against 0.6–1.0
+    ms for the for-loop one); the same update, rounded differently (TEACHER_FORMAT 3)."""
+    params = list(params)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    fused = all(p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
 
 
 def make_scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int):
