@@ -36,6 +36,19 @@ def report(data: dict) -> str:
         f"{loop * 1e3:.0f} ms), identical weights | ≥ 1.5× | {'yes' if loop / cached >= 1.5 else 'no'} |",
         f"| kdbench loop (cached teacher) vs hand-written loop | {hand / cached:.2f}× | — | — |",
     ]
+    paired = by_name.get("test_paired_rounds", {}).get("extra_info", {}).get("epoch_seconds")
+    if paired:
+        def per_round(slow: str, fast: str) -> float:
+            return statistics.median(a / b for a, b in zip(paired[slow], paired[fast]))
+
+        n = len(paired["kdbench"])
+        lines += [
+            f"| paired ({n} rounds, all three loops per round): kdbench vs hand-written, median of per-round ratios "
+            f"| {per_round('handwritten', 'kdbench'):.2f}× | ≥ 1.0× | "
+            f"{'yes' if per_round('handwritten', 'kdbench') >= 1.0 else 'no'} |",
+            f"| paired: cached vs uncached teacher outputs, median of per-round ratios | "
+            f"{per_round('kdbench', 'cached'):.2f}× | ≥ 1.5× | {'yes' if per_round('kdbench', 'cached') >= 1.5 else 'no'} |",
+        ]
     for name, bench in sorted(by_name.items()):
         values = bench.get("extra_info", {}).get("latency_ms")
         if values:

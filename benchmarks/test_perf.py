@@ -10,6 +10,8 @@ Nothing here asserts a time; the assertions check that the compared paths comput
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,6 +26,7 @@ from kdbench.teacher_cache import cached_teacher_outputs
 from kdbench.train import fit, load_or_train_teacher, make_optimizer, make_scheduler
 
 ROUNDS = 5
+PAIRED_ROUNDS = 30
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +71,7 @@ def test_kdbench_loop(benchmark, setup):
     setup_state["uncached"] = {k: v.clone() for k, v in state["student"].state_dict().items()}
 
 
-def test_handwritten_loop(benchmark, setup):
+def _handwritten_epoch(setup):
     """The same math as kdbench's vanilla_kd step, written out: no taps, no term dicts, no checks."""
     spec, data, teacher, _, cfg = setup
     c = spec.method_config
@@ -103,6 +106,11 @@ def test_handwritten_loop(benchmark, setup):
             scheduler.step()
         top1(predict(student, data.val), data.val.y)
 
+    return state, prepare, run
+
+
+def test_handwritten_loop(benchmark, setup):
+    state, prepare, run = _handwritten_epoch(setup)
     benchmark.group = "training loop (vanilla KD, MNIST-1D, 1 epoch)"
     benchmark.pedantic(run, setup=prepare, rounds=ROUNDS)
     setup_state["handwritten"] = {k: v.clone() for k, v in state["student"].state_dict().items()}
@@ -124,6 +132,30 @@ def test_the_three_loops_train_the_same_weights():
         pytest.skip("needs the three loop benchmarks of this file")
     for name in ("handwritten", "cached"):
         assert all(torch.equal(setup_state[name][k], v) for k, v in setup_state["uncached"].items()), name
+
+
+def test_paired_rounds(benchmark, setup):
+    """The three loops again, one epoch each per round, in a rotating order: the machine's speed drifts over
+    seconds, and loops timed side by side in one round see the same drift, so the report also gives the
+    median over rounds of each round's ratio (the pytest-benchmark time is that of a whole round)."""
+    loops = {"kdbench": _kdbench_epoch(setup, cached=False), "handwritten": _handwritten_epoch(setup),
+             "cached": _kdbench_epoch(setup, cached=True)}
+    times = {name: [] for name in loops}
+    rounds = iter(range(PAIRED_ROUNDS))
+
+    def one_round():
+        names = list(loops)
+        k = next(rounds) % len(names)
+        for name in names[k:] + names[:k]:
+            _, prepare, run = loops[name]
+            prepare()
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+
+    benchmark.group = "paired rounds: hand-written, kdbench, kdbench cached (1 epoch each)"
+    benchmark.pedantic(one_round, rounds=PAIRED_ROUNDS)
+    benchmark.extra_info["epoch_seconds"] = times
 
 
 @pytest.mark.parametrize("model", ["cnn1d_w8", "cnn1d_w32"])

@@ -74,9 +74,9 @@ def _detached(taps: dict | None) -> dict | None:
 
 
 def _step(optimizer: torch.optim.Optimizer, terms: dict[str, torch.Tensor], where: str,
-          ranks: Ranks | None = None) -> torch.Tensor:
-    """Sum the terms, refuse a NaN or infinite total (on any process: all of them stop at the same step), and
-    take one optimizer step."""
+          ranks: Ranks | None = None) -> float:
+    """Sum the terms, refuse a NaN or infinite total (on any process: all of them stop at the same step), take
+    one optimizer step; the total's value (averaged over processes)."""
     loss = sum(terms.values())
     value = mean_over_ranks(ranks, {"loss": loss.item()})["loss"]
     if not math.isfinite(value):
@@ -84,7 +84,7 @@ def _step(optimizer: torch.optim.Optimizer, terms: dict[str, torch.Tensor], wher
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    return loss
+    return value
 
 
 class _StudentStep(nn.Module):
@@ -200,7 +200,7 @@ def fit(
                     method.on_step_end(progress)
                     for k, v in terms.items():
                         sums[k] += v.item()
-                    sums["loss"] += loss.item()
+                    sums["loss"] += loss
             sums = mean_over_ranks(ranks, sums)
             row = {"epoch": epoch + 1, **{f"train_{k}": v / steps_per_epoch for k, v in sums.items()}}
             row["val_top1"] = top1(predict(student, data.val), data.val.y)
