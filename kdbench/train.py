@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import operator
 import os
 import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from functools import reduce
 from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -77,7 +79,7 @@ def _step(optimizer: torch.optim.Optimizer, terms: dict[str, torch.Tensor], wher
           ranks: Ranks | None = None) -> float:
     """Sum the terms, refuse a NaN or infinite total (on any process: all of them stop at the same step), take
     one optimizer step; the total's value (averaged over processes)."""
-    loss = sum(terms.values())
+    loss = reduce(operator.add, terms.values())  # not sum(): no extra 0 + tensor op and its backward
     value = mean_over_ranks(ranks, {"loss": loss.item()})["loss"]
     if not math.isfinite(value):
         raise DivergedError(f"{where} is {value}")
