@@ -16,10 +16,9 @@ import pytest
 
 from kdbench.cli import main
 from kdbench.tracking import record_key
+from kdbench.verify import EXACT
 
 pytest.importorskip("ray")
-
-TIMED = {"latency_b1_ms", "throughput_bN", "teacher_latency_b1_ms", "teacher_throughput_bN", "train_seconds"}
 
 
 def _free_port() -> int:
@@ -74,7 +73,7 @@ def _records(results: Path) -> dict[str, dict]:
 def _untimed(record: dict) -> dict:
     """A record without what differs between two executions of the same run: timings and when/where it ran."""
     out = {k: v for k, v in record.items() if k not in ("created_at", "env")}
-    out["metrics"] = {k: v for k, v in record["metrics"].items() if k not in TIMED}
+    out["metrics"] = {k: record["metrics"][k] for k in EXACT}
     return out
 
 
