@@ -183,7 +183,7 @@ def _positive(text: str, flag: str) -> int:
 
 def _context(args, tier: str):
     """Data root, download flag and device from the command line; ``auto`` takes the GPU for GPU-tier suites only,
-    so CPU-tier results stay bit-exact on any machine."""
+    so CPU-tier results stay bit-exact on any machine. On Ray the cluster's GPUs count, not this machine's."""
     import torch
 
     from kdbench.runner import Context
@@ -193,7 +193,7 @@ def _context(args, tier: str):
     device = args.device
     if device == "auto":
         device = "cuda" if tier == "gpu" and torch.cuda.is_available() else "cpu"
-    elif device.startswith("cuda") and not torch.cuda.is_available():
+    elif device.startswith("cuda") and not torch.cuda.is_available() and getattr(args, "executor", "") != "ray":
         raise KdbenchError(f"--device {device}: this machine has no CUDA GPU; use --device cpu")
     return Context(Path(args.data_root) if args.data_root else None, getattr(args, "download", False), device)
 

@@ -77,12 +77,12 @@ def execute_on_ray(specs: list[RunSpec], results_dir: Path, ctx: Context, addres
         if log:
             store = env.get("MLFLOW_TRACKING_URI", "each node's local store (set MLFLOW_TRACKING_URI to a server)")
             log(f"Ray cluster: {cluster.get('CPU', 0):g} CPU, {cluster.get('GPU', 0):g} GPU; runs log to MLflow at {store}")
+        gpus = 0 if ctx.device == "cpu" else 1
+        if gpus > cluster.get("GPU", 0):
+            raise KdbenchError(f"--device {ctx.device}: the Ray cluster has no GPU; use --device cpu")
         task = ray.remote(_ray_task)
         pending = {}
         for spec in specs:
-            gpus = 0 if ctx.device == "cpu" else 1
-            if gpus > cluster.get("GPU", 0):
-                raise KdbenchError(f"--device {ctx.device}: the Ray cluster has no GPU; use --device cpu")
             cpus = min(run_threads(spec) or usable_cpus(), cluster.get("CPU", 1))
             pending[task.options(num_cpus=cpus, num_gpus=gpus).remote(spec, ctx)] = spec
         try:

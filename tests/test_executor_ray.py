@@ -122,3 +122,12 @@ def test_executor_flags_are_checked(tiny_suite, tmp_path, capsys):
                         "kdbench: error: --workers is for the local executor; on Ray each run takes the CPUs its "
                         "threads need"]
     assert os.listdir(tmp_path) == ["tiny.yaml"]
+
+
+def test_a_gpu_run_needs_a_gpu_in_the_cluster(tiny_suite, tmp_path, capsys):
+    """--device cuda is checked against the Ray cluster's GPUs (not this machine's): none here → one line."""
+    args = ["run", "--suite", str(tiny_suite), "--results-dir", str(tmp_path / "r"), "--executor", "ray"]
+    assert main([*args, "--device", "cuda"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "kdbench: error: --device cuda: the Ray cluster has no GPU; use --device cpu")
+    assert not (tmp_path / "r").exists()
