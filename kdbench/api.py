@@ -166,7 +166,7 @@ def measure(model: nn.Module, sample: torch.Tensor, **timing) -> dict:
     cfg = _validated(MeasureConfig, "timing", **timing)
     x = torch.as_tensor(sample)[:1]
     x = x.to(next(model.parameters()).dtype) if x.is_floating_point() else x
-    return cost_metrics(model, x, cfg.threads, cfg.throughput_batch, cfg.min_run_time)
+    return cost_metrics([model], x, cfg.threads, cfg.throughput_batch, cfg.min_run_time)[0]
 
 
 class _Adapted(nn.Module):

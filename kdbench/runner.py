@@ -226,8 +226,8 @@ def run_metrics(student, method, teacher, data: TrackData, m: MeasureConfig, tra
     sample = data.test.sample(1)
     timed_student, timed_teacher = timed or (student, teacher)
     with exclusive_use():  # no parallel run trains while these are timed
-        student_cost = cost_metrics(timed_student, sample, m.threads, m.throughput_batch, m.min_run_time)
-        teacher_cost = cost_metrics(timed_teacher, sample, m.threads, m.throughput_batch, m.min_run_time)
+        student_cost, teacher_cost = cost_metrics((timed_student, timed_teacher), sample, m.threads,
+                                                  m.throughput_batch, m.min_run_time)
     return {
         "test_top1": top1(preds, data.test.y),
         "val_top1": top1(predict(student, data.val), data.val.y),

@@ -1,7 +1,13 @@
 import torch
 from torch import nn
 
-from kdbench.measure import cost_metrics, flops_per_sample, top1
+from kdbench.measure import (
+    MIN_ROUNDS,
+    cost_metrics,
+    flops_per_sample,
+    forward_times,
+    top1,
+)
 from kdbench.tracks import load_track
 
 
@@ -21,10 +27,37 @@ def test_flops_of_linear_layer():
 
 
 def test_cost_metrics_fields():
-    m = cost_metrics(nn.Linear(40, 10), torch.zeros(1, 40), threads=1, throughput_batch=8, min_run_time=0.01)
-    assert m["params"] == 410 and m["flops"] == 800
-    assert m["latency_b1_ms"] > 0 and m["latency_b1_iqr_ms"] >= 0 and m["throughput_bN"] > 0
-    assert m["throughput_batch"] == 8
+    small, big = cost_metrics([nn.Linear(40, 10), nn.Linear(40, 100)], torch.zeros(1, 40), threads=1,
+                              throughput_batch=8, min_run_time=0.01)
+    assert (small["params"], small["flops"], big["params"], big["flops"]) == (410, 800, 4100, 8000)
+    for m in (small, big):
+        assert m["latency_b1_ms"] > 0 and m["latency_b1_iqr_ms"] >= 0 and m["throughput_bN"] > 0
+        assert m["throughput_batch"] == 8
+
+
+class _Logged(nn.Module):
+    """Appends its name to ``calls`` at every forward pass."""
+
+    def __init__(self, name: str, calls: list):
+        super().__init__()
+        self.name, self.calls, self.linear = name, calls, nn.Linear(4, 2)
+
+    def forward(self, x):
+        self.calls.append(self.name)
+        return self.linear(x)
+
+
+def test_models_are_timed_in_alternating_blocks():
+    """Side by side, not one after the other: after each model's warm-up, the timed passes switch between the
+    models block by block, every model getting MIN_ROUNDS blocks at least, each of the size its warm-up chose."""
+    calls = []
+    models = [_Logged("student", calls), _Logged("teacher", calls)]
+    forward_times(models, torch.zeros(1, 4), 1, threads=1, min_run_time=0.0)
+    switches = [i for i in range(1, len(calls)) if calls[i] != calls[i - 1]]
+    # the student's warm-up, the teacher's, then R ≥ MIN_ROUNDS rounds of (student, teacher): 2R + 1 switches
+    assert len(switches) >= 2 * MIN_ROUNDS + 1
+    assert calls[0] == "student" and calls[-1] == "teacher"
+    assert not any(m.training for m in models)
 
 
 def test_top1():
