@@ -1,4 +1,5 @@
-"""Entry points: ``nox -s tests`` (what CI runs), ``nox -s bench`` (reproduce the results), ``nox -s perf``."""
+"""Entry points: ``nox -s tests`` (what CI runs), ``nox -s bench`` (reproduce the committed results),
+``nox -s extend`` (add records to results/), ``nox -s perf``."""
 
 import nox
 
@@ -17,7 +18,17 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Run the default CPU suite into results/ and regenerate leaderboard.md (args go to `kdbench run`)."""
+    """Re-train the default CPU suite into a scratch folder from a cold teacher cache and compare every record with
+    the committed one in results/: a verdict per leaderboard row, then "N/M records reproduced bit-exactly"; fails
+    unless all are (args go to `kdbench reproduce`, e.g. `-- --scratch DIR` keeps what it trains)."""
+    session.install("-e", ".")
+    session.run("kdbench", "reproduce", "--suite", "cpu", *session.posargs)
+
+
+@nox.session
+def extend(session: nox.Session) -> None:
+    """For adding records: run the default CPU suite into results/ (runs with a finished record of the same config
+    are skipped; `-- --force` redoes them), then regenerate leaderboard.md (args go to `kdbench run`)."""
     session.install("-e", ".")
     session.run("kdbench", "run", "--suite", "cpu", *session.posargs)
     session.run("kdbench", "leaderboard")

@@ -1,9 +1,11 @@
 """Choose a track's schedule and a method's hyperparameters on the validation split.
 
-Runs the grid below through the normal pipeline (records go to a scratch folder, never results/)
-and prints validation top-1 only, mean over tuning seeds disjoint from the reported ones.
+Runs the grid below through the normal pipeline (records go to a scratch folder, never results/, with a
+scratch MLflow store) on the track's middle student, and prints validation top-1 only: the mean over tuning
+seeds disjoint from the reported ones, and each variant's Δ against the baseline with its 95 % interval from
+the per-sample validation predictions (kdbench.stats, the leaderboard's paired bootstrap).
 
-    python benchmarks/validation_sweep.py --suite cpu --track mnist1d
+    python benchmarks/validation_sweep.py --suite cpu --track mnist1d --workers 2
 """
 
 from __future__ import annotations
@@ -17,10 +19,14 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from kdbench.runner import run_one
+from kdbench.executor import execute
+from kdbench.predictions import outcomes
+from kdbench.runner import Context
+from kdbench.stats import compare
 from kdbench.suite import expand, load_suite
 
-TUNING_SEEDS = (100, 101)
+# tuning seeds per track, disjoint from the reported ones; on digits, 100–104 are the five folds of repetition 20
+TUNING_SEEDS = {"mnist1d": (100, 101), "digits": (100, 101, 102, 103, 104)}
 # Per method: the variants tried, each a dict of hyperparameter overrides ("epochs" sets the student schedule).
 GRID = {
     "baseline": [{"epochs": 30}, {"epochs": 60}],
@@ -37,28 +43,43 @@ GRID = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", default="cpu")
-    parser.add_argument("--track", default="mnist1d")
+    parser.add_argument("--track", default="mnist1d", choices=list(TUNING_SEEDS))
+    parser.add_argument("--pair", help="teacher:student (default: the track's middle pair)")
     parser.add_argument("--method", action="append", choices=list(GRID), help="only these methods (default: all)")
+    parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
     suite = load_suite(args.suite)
-    rows = []
+    pairs = suite.tracks[args.track].pairs
+    pair = args.pair or f"{pairs[len(pairs) // 2].teacher}:{pairs[len(pairs) // 2].student}"
+    seeds = TUNING_SEEDS[args.track]
+    variants, specs = [], []
+    for method in ["baseline", *[m for m in args.method or GRID if m != "baseline"]]:
+        (base,) = expand(suite, methods=[method], tracks=[args.track], pairs=[pair], seeds=(seeds[0],))
+        for variant in GRID[method] if method != "baseline" or not args.method else GRID[method][:1]:
+            overrides = {k: v for k, v in variant.items() if k != "epochs"}
+            train = base.train.model_copy(update={"epochs": variant.get("epochs", base.train.epochs)})
+            runs = [replace(base, seed=s, method_config={**base.method_config, **overrides}, train=train)
+                    for s in seeds]
+            variants.append((method, train.epochs, overrides, runs))
+            specs += runs
     with tempfile.TemporaryDirectory() as scratch:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{scratch}/mlflow.db"  # keep sweeps out of the real store
-        for method in args.method or GRID:
-            (base,) = expand(suite, methods=[method], tracks=[args.track], seeds=(0,))
-            for variant in GRID[method]:
-                overrides = {k: v for k, v in variant.items() if k != "epochs"}
-                epochs = variant.get("epochs", base.train.epochs)
-                config = {**base.method_config, **overrides}
-                vals = []
-                for seed in TUNING_SEEDS:
-                    spec = replace(base, seed=seed, method_config=config,
-                                   train=base.train.model_copy(update={"epochs": epochs}))
-                    vals.append(run_one(spec, Path(scratch))["metrics"]["val_top1"])
-                rows.append((method, epochs, overrides, f"{statistics.mean(vals):.2f}", ", ".join(f"{v:.2f}" for v in vals)))
-                print(rows[-1], flush=True)
-    print(tabulate(rows, headers=["method", "epochs", "overrides", "val top-1 mean", f"per seed {TUNING_SEEDS}"],
-                   tablefmt="github"))
+        done = {}
+        for spec, record in execute(specs, Path(scratch) / "results", Context(), args.workers):
+            done[id(spec)] = record
+            print(f"[{len(done)}/{len(specs)}] {spec.label()} {spec.method_config}: val top-1 "
+                  f"{record['metrics']['val_top1']:.2f}", flush=True)
+    records = [[done[id(s)] for s in runs] for *_, runs in variants]
+    reference = outcomes(records[0], "val")  # the baseline at the suite's schedule
+    rows = []
+    for (method, epochs, overrides, _), recs in zip(variants, records):
+        vals = [r["metrics"]["val_top1"] for r in recs]
+        diff = compare(outcomes(recs, "val"), reference)
+        rows.append((method, epochs, overrides or "–", f"{statistics.mean(vals):.2f}",
+                     f"{diff.delta:+.2f} [{diff.low:+.2f}, {diff.high:+.2f}]", ", ".join(f"{v:.2f}" for v in vals)))
+    print(f"{args.track} {pair}, validation top-1 %, tuning seeds {seeds}")
+    print(tabulate(rows, headers=["method", "epochs", "overrides", "val top-1 mean", "Δ vs baseline [95 % CI]",
+                                  "per seed"], tablefmt="github", disable_numparse=True))
 
 
 if __name__ == "__main__":

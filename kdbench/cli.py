@@ -19,7 +19,7 @@ EXAMPLES = {  # shown under "examples:" in each command's --help
         "kdbench list models     # every model with its parameter count",
     ],
     "run": [
-        "kdbench run --suite cpu    # the CPU tier: every method, 3 seeds, records under results/",
+        "kdbench run --suite cpu    # the CPU tier: every method, 3 students per track, 5 seeds (digits: 5×5 folds)",
         "kdbench run --suite cpu --track mnist1d --method vanilla_kd --seeds 0 --results-dir /tmp/r",
         "kdbench run --suite cifar100 --data-root ~/data --pair resnet32x4:resnet8x4 --method fitnets --device cuda:0",
         "kdbench run --suite cifar100-smoke --data-root ~/data --download --device cpu    # one epoch, a few batches",
@@ -34,6 +34,15 @@ EXAMPLES = {  # shown under "examples:" in each command's --help
         "kdbench verify results/cpu/mnist1d/cnn1d_w32--cnn1d_w8/vanilla_kd/seed0.json",
         ("kdbench verify results/cifar100/cifar100/resnet32x4--resnet8x4/fitnets/seed0.json --data-root ~/data "
          "--device cuda"),
+    ],
+    "reproduce": [
+        "kdbench reproduce    # re-train the cpu suite from a cold teacher cache; compare with results/ exactly",
+        "kdbench reproduce --track digits --method fitnets --seeds 0 --scratch /tmp/kd-repro    # keep what it trains",
+        "kdbench reproduce --suite cifar100-smoke --data-root ~/data --results-dir /tmp/r",
+    ],
+    "compare": [
+        "kdbench compare results/cpu/mnist1d/cnn1d_w32--cnn1d_w8/vanilla_kd results/cpu/mnist1d/cnn1d_w32--cnn1d_w8/baseline",
+        "kdbench compare results/cpu/digits/cnn2d_w32--cnn2d_w8/fitnets results/cpu/digits/cnn2d_w32--cnn2d_w8/dkd",
     ],
     "sync": [
         "kdbench sync                   # into the local store (.kdbench/mlflow.db)",
@@ -111,8 +120,9 @@ def cmd_run(args) -> int:
 def _run(args) -> int:
     from kdbench.distributed import is_main
     from kdbench.executor import auto_workers, execute, execute_on_ray
-    from kdbench.runner import is_finished, preflight, run_one
+    from kdbench.runner import is_finished, preflight, run_one, track_data
     from kdbench.suite import expand, load_suite, parse_seeds
+    from kdbench.timing import time_architectures
 
     if args.executor == "ray" and args.workers != "auto":
         raise KdbenchError("--workers is for the local executor; on Ray each run takes the CPUs its threads need")
@@ -145,15 +155,69 @@ def _run(args) -> int:
     started = time.perf_counter()
     for done, (spec, record) in enumerate(runs, 1):
         top1 = record["metrics"]["test_top1"] if record["metrics"] else None
-        elapsed = time.perf_counter() - started
-        eta = f"; ETA {elapsed / done * (len(todo) - done):.0f}s" if done < len(todo) else ""
-        result = f"test top-1 {top1:.2f}%" if top1 is not None else record["error"]
-        log(f"[{done}/{len(todo)}] {spec.label()}: {record['status']}, {result} ({elapsed:.0f}s elapsed{eta})")
+        log(_progress_line(done, len(todo), spec, record, time.perf_counter() - started))
         outcome[spec.label()] = (record["status"], f"{top1:.2f}" if top1 is not None else record["error"])
+    time_architectures(specs, results_dir, lambda spec: track_data(spec, ctx), ctx.device, args.force, log,
+                       ctx.data_root)
     summary = [(s.label(), *outcome[s.label()]) for s in specs]
     print(tabulate(summary, headers=["run", "status", "test top-1 %"], tablefmt="simple", disable_numparse=True))
     print(f"{len(todo)} of {len(specs)} runs trained in {time.perf_counter() - started:.1f}s; records under {results_dir}")
     return 0
+
+
+def _progress_line(done: int, total: int, spec, record: dict, elapsed: float) -> str:
+    """"[i/n] run: status, test top-1 … (…s elapsed; ETA …s)", printed as each run finishes."""
+    top1 = record["metrics"]["test_top1"] if record["metrics"] else None
+    eta = f"; ETA {elapsed / done * (total - done):.0f}s" if done < total else ""
+    result = f"test top-1 {top1:.2f}%" if top1 is not None else record["error"]
+    return f"[{done}/{total}] {spec.label()}: {record['status']}, {result} ({elapsed:.0f}s elapsed{eta})"
+
+
+def cmd_reproduce(args) -> int:
+    """``kdbench reproduce``: re-train the selected runs into a scratch folder from a cold teacher cache and
+    compare each with its committed record (kdbench.reproduce)."""
+    import shutil
+    import tempfile
+
+    from kdbench.distributed import launched_world_size
+    from kdbench.executor import auto_workers
+    from kdbench.reproduce import check_scratch, cold_home, reproduce, row_verdicts
+    from kdbench.runner import preflight
+    from kdbench.suite import expand, load_suite, parse_seeds
+
+    if launched_world_size() > 1:
+        raise KdbenchError("kdbench reproduce runs in one process: start it without torchrun")
+    suite = load_suite(args.suite)
+    seeds = parse_seeds(args.seeds) if args.seeds else None
+    specs = expand(suite, _split_list(args.method), _split_list(args.track), _split_list(args.pair), seeds)
+    ctx = _context(args, suite.tier)
+    workers = auto_workers(specs, ctx) if args.workers == "auto" else _positive(args.workers, "--workers")
+    if args.scratch:
+        check_scratch(Path(args.scratch))
+    scratch = Path(args.scratch or tempfile.mkdtemp(prefix="kdbench-reproduce-")).resolve()
+    log = (lambda msg: print(msg, file=sys.stderr, flush=True))
+    try:
+        runs = reproduce(specs, Path(args.results_dir), scratch, ctx, workers, log if args.verbose else None)
+        with cold_home(scratch) as home:
+            preflight(specs, ctx)
+            log(f"{len(specs)} run(s) to re-train into {scratch / 'results'}, {min(workers, len(specs))} at a time, "
+                f"teachers from a cold cache in {home}")
+            outcomes, started = [], time.perf_counter()
+            for done, outcome in enumerate(runs, 1):
+                line = _progress_line(done, len(specs), outcome.spec, outcome.fresh, time.perf_counter() - started)
+                log(f"{line}: {outcome.verdict()}")
+                outcomes.append(outcome)
+    finally:
+        if not args.scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
+    table = row_verdicts(outcomes, specs)
+    print(tabulate(table, headers=["track", "pair", "method", "reproduced"], tablefmt="simple", disable_numparse=True))
+    exact = sum(o.reproduced for o in outcomes)
+    print(f"{exact}/{len(outcomes)} records reproduced bit-exactly")
+    if args.scratch:
+        print(f"fresh records under {scratch / 'results'}, their teachers and MLflow store under {scratch / 'home'}",
+              file=sys.stderr)
+    return 0 if exact == len(outcomes) else 1
 
 
 def _distributed(args, specs, ctx):
@@ -224,7 +288,7 @@ def cmd_new_method(args) -> int:
           "     Deviations:), the Config fields, taps and loss\n"
           f"  2. pytest tests/test_method_contract.py -k {n}    # then once with --update-golden\n"
           f"  3. tests/test_{n}.py: your loss's values computed by hand on fixed tensors\n"
-          f"  4. kdbench run --suite cpu --method {n}    # 3 seeds, records under results/\n"
+          f"  4. kdbench run --suite cpu --method {n}    # every CPU pair and seed, records under results/\n"
           "  5. kdbench leaderboard && kdbench methods-page    # commit both with the records")
     return 0
 
@@ -244,17 +308,54 @@ def cmd_methods_page(args) -> int:
 
 def cmd_verify(args) -> int:
     from kdbench.records import load_record
-    from kdbench.verify import verify
+    from kdbench.verify import format_pair, verify
 
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if args.verbose else None
     record = load_record(Path(args.record))
     print(f"re-running {record.track} {record.method} seed {record.seed} from {args.record} …", file=sys.stderr, flush=True)
     rows = verify(Path(args.record), _context(args, "gpu" if record.env.gpu else "cpu"), log)
-    table = [(name, old, new, "match" if ok else "MISMATCH") for name, old, new, ok in rows]
+    table = [(name, *format_pair(old, new), "match" if ok else "MISMATCH") for name, old, new, ok in rows]
     print(tabulate(table, headers=["metric", "recorded", "re-run", ""], tablefmt="simple", disable_numparse=True))
     mismatches = sum(not ok for *_, ok in rows)
     print("verified: every deterministic metric matches" if not mismatches else f"{mismatches} metric(s) differ")
     return 0 if not mismatches else 1
+
+
+def cmd_compare(args) -> int:
+    """``kdbench compare A B``: is the row in folder A better than the row in folder B (same analysis as the
+    leaderboard's Δ: runs paired by seed, two-way bootstrap over seeds and test samples)?"""
+    from kdbench.predictions import outcomes
+    from kdbench.records import load_records
+    from kdbench.stats import ALPHA, compare
+
+    rows = []
+    for folder in (args.a, args.b):
+        records = [rec.model_dump() for _, rec in load_records(Path(folder)) if rec.status == "finished"]
+        if not records:
+            raise KdbenchError(f"{folder}: no finished run records (seed*.json) in it or below it")
+        if any(not r.get("predictions") for r in records):
+            raise KdbenchError(f"{folder}: its records have no per-sample predictions (made before schema 2); "
+                               "re-run them with `kdbench run --force`")
+        names = {(r["track"], r["teacher"], r["student"], r["method"], r["config_sha256"]) for r in records}
+        if len(names) > 1:
+            raise KdbenchError(f"{folder}: holds records of {len(names)} different rows; name one row's folder")
+        rows.append((records, names.pop()))
+    (recs_a, name_a), (recs_b, name_b) = rows
+    if name_a[0] != name_b[0]:
+        raise KdbenchError(f"the rows are on different tracks ({name_a[0]}, {name_b[0]}): their test sets differ")
+    common = sorted({r["seed"] for r in recs_a} & {r["seed"] for r in recs_b})
+    if not common:
+        raise KdbenchError("the two rows share no seed: runs are paired by seed number")
+    diff = compare(outcomes(recs_a), outcomes(recs_b))
+    label_a, label_b = (f"{n[3]} ({n[1]}→{n[2]})" for n in (name_a, name_b))
+    print(f"{label_a} − {label_b} on {name_a[0]}: Δ {diff.delta:+.2f} points, 95 % interval "
+          f"[{diff.low:+.2f}, {diff.high:+.2f}], p = {diff.p_value:.4f} ({diff.seeds} paired seeds × "
+          f"{diff.samples:,} test samples)")
+    if diff.p_value < ALPHA:
+        print(f"{label_a} is {'better' if diff.delta > 0 else 'worse'} than {label_b} (significant at α = {ALPHA})")
+    else:
+        print(f"no significant difference at α = {ALPHA}")
+    return 0
 
 
 def cmd_sync(args) -> int:
@@ -335,6 +436,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default auto: where the record was made)")
     p.add_argument("-v", "--verbose", action="store_true", help="print every epoch")
     p.set_defaults(func=cmd_verify)
+
+    p = add("reproduce", "re-train a suite's runs into a scratch folder from a cold teacher cache and compare each "
+            "with its committed record exactly (exit 1 unless all match)")
+    p.add_argument("--suite", default="cpu", help="suite name (benchmarks/<name>.yaml) or a YAML path (default: cpu)")
+    p.add_argument("--method", action="append", help="only these methods (repeat or comma-separate)")
+    p.add_argument("--track", action="append", help="only these tracks")
+    p.add_argument("--pair", action="append", help="only these pairs, as teacher:student")
+    p.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1 (default: the suite's)")
+    p.add_argument("--results-dir", default="results", help="the committed records to compare with (default: results)")
+    p.add_argument("--scratch", help="a new or empty folder for the fresh records, teachers and MLflow store, kept "
+                   "afterwards (default: a temporary folder, deleted at the end)")
+    p.add_argument("--data-root", help="folder with the datasets of full-tier tracks (see README, Full tier)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default auto: cuda for GPU-tier suites "
+                   "when one is present, else cpu)")
+    p.add_argument("--workers", default="auto", help="runs at once on this machine (default auto, as for run)")
+    p.add_argument("-v", "--verbose", action="store_true", help="print every epoch")
+    p.set_defaults(func=cmd_reproduce)
+
+    p = add("compare", "is row A better than row B? Δ with its 95 % interval and p-value, runs paired by seed")
+    p.add_argument("a", help="folder of row A's records (e.g. results/cpu/mnist1d/cnn1d_w32--cnn1d_w8/vanilla_kd)")
+    p.add_argument("b", help="folder of row B's records")
+    p.set_defaults(func=cmd_compare)
 
     p = add("sync", "log to MLflow the records it does not have yet (after the server was unreachable)")
     p.add_argument("--results-dir", default="results")

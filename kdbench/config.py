@@ -32,7 +32,7 @@ class TrainConfig(pydantic.BaseModel):
 
 
 class MeasureConfig(pydantic.BaseModel):
-    """How size and speed are measured (DESIGN.md §7)."""
+    """How size and speed are measured: threads, the throughput batch, seconds of timed blocks per model."""
 
     model_config = STRICT
     threads: int = Field(default=2, gt=0)
@@ -62,6 +62,7 @@ class RunSpec:
     measure: MeasureConfig
     limit: tuple[tuple[str, int], ...] = ()  # smoke runs: at most this many samples per split
     world_size: int = 1  # processes training this one run with DDP (torchrun); train.batch_size is the global batch
+    suite_seeds: tuple[int, ...] = ()  # every seed the suite declares for this row (not part of the config)
 
     @property
     def pair(self) -> str:
@@ -108,6 +109,7 @@ class RunSpec:
             measure=MeasureConfig(**c["measure"]),
             limit=tuple(sorted(c["data"].get("limit", {}).items())),
             world_size=c.get("distributed", {}).get("world_size", 1),
+            suite_seeds=tuple(getattr(record, "suite_seeds", None) or ()),
         )
 
     def label(self) -> str:

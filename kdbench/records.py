@@ -21,7 +21,7 @@ from kdbench.config import RunSpec
 from kdbench.errors import KdbenchError
 from kdbench.method import format_validation_error
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: per-sample predictions, the suite's seeds; latency timed per architecture
 
 
 class Metrics(pydantic.BaseModel):
@@ -33,9 +33,9 @@ class Metrics(pydantic.BaseModel):
     params: int
     extra_params: int
     flops: int
-    latency_b1_ms: float
-    latency_b1_iqr_ms: float
-    throughput_bN: float
+    latency_b1_ms: float | None = None  # benchmark runs: timed once per architecture (kdbench.timing)
+    latency_b1_iqr_ms: float | None = None
+    throughput_bN: float | None = None
     train_seconds: float
     epochs: int
 
@@ -51,7 +51,7 @@ class Env(pydantic.BaseModel):
 
 class Record(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="allow")
-    schema_version: Literal[1]
+    schema_version: Literal[1, 2]
     suite: str
     track: str
     teacher: str
@@ -59,6 +59,7 @@ class Record(pydantic.BaseModel):
     method: str
     method_version: int
     seed: int
+    suite_seeds: list[int] = []  # the seeds the suite declares for this row: fewer finished ones is incomplete
     status: Literal["finished", "failed"]
     error: str | None = None
     config: dict
@@ -70,6 +71,7 @@ class Record(pydantic.BaseModel):
     metrics: Metrics | None
     history: list[dict] = []  # per-epoch training losses and validation accuracy
     teacher_outputs: dict | None = None  # whether the teacher's outputs came from the cache, its key, or why not
+    predictions: dict | None = None  # per-sample test and validation predictions (kdbench.predictions)
 
 
 def record_path(results_dir: Path, spec: RunSpec) -> Path:
@@ -99,15 +101,19 @@ def environment(threads: int, device: str = "cpu") -> dict:
     }
 
 
-GENERATED = (":!results", ":!leaderboard.md")  # outputs of runs: changing them does not make the code dirty
+# Generated outputs (run records, the leaderboard, the methods page): changing them does not make the code dirty.
+GENERATED = (":!results", ":!leaderboard.md", ":!methods/README.md")
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def git_state() -> tuple[str | None, bool | None]:
-    """(commit, dirty) of the checkout kdbench runs from; (None, None) outside git."""
-    root = Path(__file__).resolve().parents[1]
+def git_state(root: Path | None = None) -> tuple[str | None, bool | None]:
+    """(commit, dirty) of the checkout at ``root`` (default: the one kdbench runs from); (None, None) outside
+    git. Dirty: anything but the generated outputs differs from HEAD, untracked files that git does not ignore
+    included."""
+    root = Path(root) if root is not None else REPO_ROOT
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *GENERATED],
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=normal", "--", ".", *GENERATED],
                                cwd=root, capture_output=True, text=True, check=True).stdout.strip() != ""
         return commit, dirty
     except (OSError, subprocess.CalledProcessError):
@@ -149,7 +155,7 @@ def load_record(path: Path) -> Record:
 
 
 def load_records(results_dir: Path) -> list[tuple[Path, Record]]:
-    return [(p, load_record(p)) for p in sorted(Path(results_dir).rglob("*.json"))]
+    return [(p, load_record(p)) for p in sorted(Path(results_dir).rglob("seed*.json"))]
 
 
 def now_iso() -> str:

@@ -16,7 +16,7 @@ from kdbench.distributed import Ranks, barrier, is_main
 from kdbench.errors import KdbenchError
 from kdbench.features import MASK, probe
 from kdbench.machine import exclusive_use
-from kdbench.measure import cost_metrics, predict, top1
+from kdbench.measure import cost_metrics, flops_per_sample, predict, top1
 from kdbench.method import METHODS
 from kdbench.models import (
     count_params,
@@ -25,7 +25,9 @@ from kdbench.models import (
     pretrained_path,
     weights_digest,
 )
+from kdbench.predictions import split_predictions
 from kdbench.records import (
+    SCHEMA_VERSION,
     environment,
     git_state,
     load_record,
@@ -80,8 +82,9 @@ def train_and_measure(spec: RunSpec, ctx: Context = Context(), log=None) -> dict
                            f"{world_size}; re-run it with torchrun --nproc_per_node {spec.world_size} -m kdbench run")
     torch.set_num_threads(spec.measure.threads)
     deterministic(ctx.device)
-    data = track_data(spec, ctx)
-    config = spec.config(data.description, pretrained_digests(spec, ctx))
+    base = track_data(spec, ctx)
+    data = base.for_seed(spec.seed)  # a cross-validated track's fold; the config names the scheme, not the fold
+    config = spec.config(base.description, pretrained_digests(spec, ctx))
     teacher, teacher_key = load_or_train_teacher(spec.track, data, spec.teacher, spec.teacher_train, spec.teacher_seed,
                                                  ctx.device, ctx.data_root)
     torch.manual_seed(spec.seed)
@@ -90,7 +93,7 @@ def train_and_measure(spec: RunSpec, ctx: Context = Context(), log=None) -> dict
     method.to(ctx.device)
     commit, dirty = git_state()
     record = {
-        "schema_version": 1,
+        "schema_version": SCHEMA_VERSION,
         "suite": spec.suite,
         "track": spec.track,
         "teacher": spec.teacher,
@@ -98,6 +101,7 @@ def train_and_measure(spec: RunSpec, ctx: Context = Context(), log=None) -> dict
         "method": spec.method,
         "method_version": spec.method_version,
         "seed": spec.seed,
+        "suite_seeds": list(spec.suite_seeds),
         "config": config,
         "config_sha256": sha256_of(config),
         "teacher_sha256": teacher_key,
@@ -120,8 +124,11 @@ def train_and_measure(spec: RunSpec, ctx: Context = Context(), log=None) -> dict
     else:
         barrier(ctx.ranks)  # every process has finished training before the main one times the models
         if is_main(ctx.ranks):
-            record.update(status="finished", metrics=run_metrics(student, method, teacher, data, spec.measure,
-                                                                    time.perf_counter() - start, spec.train.epochs))
+            preds = {"test": predict(student, data.test), "val": predict(student, data.val)}
+            record.update(status="finished", predictions={name: split_predictions(preds[name], getattr(data, name))
+                                                          for name in preds},
+                          metrics=run_metrics(student, method, teacher, data, spec.measure,
+                                              time.perf_counter() - start, spec.train.epochs, preds=preds))
     barrier(ctx.ranks)  # the other processes start nothing new while the main one measures
     if not is_main(ctx.ranks):
         return None
@@ -218,24 +225,31 @@ def _progress(spec: RunSpec, log):
 
 
 def run_metrics(student, method, teacher, data: TrackData, m: MeasureConfig, train_seconds: float, epochs: int,
-                timed: tuple[nn.Module, nn.Module] | None = None) -> dict:
-    """A record's metrics: accuracy and agreement on ``data.test``, then size and speed of ``timed`` (the student
-    and the teacher themselves by default; the Python API passes the user's models inside their adapters)."""
-    preds = predict(student, data.test)
+                timed: tuple[nn.Module, nn.Module] | None = None, preds: dict | None = None) -> dict:
+    """A record's metrics: accuracy and agreement on ``data.test``, sizes, and with ``timed`` (the Python API
+    passes the user's models inside their adapters) the latency and throughput of those two models timed side by
+    side. Benchmark runs time nothing here: each architecture is timed once, beside its teacher
+    (``time_architectures``), so that identical students never show different speeds. ``preds``: the
+    student's predictions on the test and validation splits when the caller already has them."""
+    preds = preds or {"test": predict(student, data.test), "val": predict(student, data.val)}
     teacher_preds = predict(teacher, data.test)
     sample = data.test.sample(1)
-    timed_student, timed_teacher = timed or (student, teacher)
-    with exclusive_use():  # no parallel run trains while these are timed
-        student_cost, teacher_cost = cost_metrics((timed_student, timed_teacher), sample, m.threads,
-                                                  m.throughput_batch, m.min_run_time)
+    costs = {}
+    if timed is not None:
+        with exclusive_use():  # no parallel run trains while these are timed
+            student_cost, teacher_cost = cost_metrics(timed, sample, m.threads, m.throughput_batch, m.min_run_time)
+        costs = student_cost | {f"teacher_{k}": v for k, v in teacher_cost.items() if k != "throughput_batch"}
     return {
-        "test_top1": top1(preds, data.test.y),
-        "val_top1": top1(predict(student, data.val), data.val.y),
+        "test_top1": top1(preds["test"], data.test.y),
+        "val_top1": top1(preds["val"], data.val.y),
         "teacher_top1": top1(teacher_preds, data.test.y),
-        "agreement": top1(preds, teacher_preds),
-        **student_cost,
+        "agreement": top1(preds["test"], teacher_preds),
+        "params": count_params(student),
+        "flops": flops_per_sample(student, sample),
+        "teacher_params": count_params(teacher),
+        "teacher_flops": flops_per_sample(teacher, sample),
         "extra_params": count_params(method),
         "train_seconds": train_seconds,
         "epochs": epochs,
-        **{f"teacher_{k}": v for k, v in teacher_cost.items() if k != "throughput_batch"},
+        **costs,
     }

@@ -35,6 +35,7 @@ class TrackSpec(pydantic.BaseModel):
     train: TrainConfig
     teacher_train: TrainConfig | None = None  # None: a pretrained teacher used as it is
     teacher_seed: int = 0
+    seeds: tuple[int, ...] | None = Field(default=None, min_length=1)  # this track's seeds, if not the suite's
     methods: dict[str, dict] = {}  # per-track hyperparameter overrides, on top of the suite's
     limit: dict[Literal["train", "val", "test"], PositiveInt] = {}  # smoke suites: at most N samples per split
 
@@ -130,7 +131,8 @@ def expand(
                 cls = METHODS.get(name)
                 overrides = {**suite.methods.get(name, {}), **tspec.methods.get(name, {}), **pair.methods.get(name, {})}
                 config = validate_config(cls, overrides).model_dump(mode="json")
-                for seed in seeds or suite.seeds:
+                declared = tspec.seeds or suite.seeds
+                for seed in seeds or declared:
                     specs.append(
                         RunSpec(
                             suite=suite.name,
@@ -146,6 +148,7 @@ def expand(
                             teacher_seed=tspec.teacher_seed,
                             measure=suite.measure,
                             limit=tuple(sorted(tspec.limit.items())),
+                            suite_seeds=declared,
                         )
                     )
     return specs

@@ -1,7 +1,13 @@
-"""``kdbench verify``: re-run a record's resolved config and seed, and compare the metrics."""
+"""``kdbench verify``: re-run a record's resolved config and seed, and compare the metrics.
+
+``compare_records`` is the comparison itself; ``kdbench reproduce`` (kdbench.reproduce) uses it too.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 import tempfile
 from pathlib import Path
 
@@ -13,10 +19,67 @@ from kdbench.runner import Context, run_one
 
 # Deterministic on the same machine: compared exactly. Timings (latency, throughput, seconds) are not compared.
 EXACT = ("test_top1", "val_top1", "teacher_top1", "agreement", "params", "extra_params", "flops", "epochs")
+# Besides the metrics: the record's per-sample test predictions (absent on both sides counts as equal).
+PREDICTIONS = "predictions"
+
+
+def _plain(value):
+    """As the record's JSON file holds it (tuples become lists, numbers keep their exact value)."""
+    return json.loads(json.dumps(value))
+
+
+def _same(a, b) -> bool:
+    nans = isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b)
+    return nans or a == b
+
+
+def compare_records(committed: dict, fresh: dict) -> dict[str, tuple]:
+    """What differs between two records of one run: ``{name: (committed, fresh)}``, empty when they agree.
+
+    Compared exactly: ``status``, ``config_sha256`` (the config itself), the deterministic metrics (EXACT; only
+    when both runs have the same status) and the ``predictions`` field. Timings, dates, machine and git state
+    are not compared."""
+    committed, fresh = _plain(committed), _plain(fresh)
+    diffs: dict[str, tuple] = {}
+    for key in ("status", "config_sha256"):
+        if not _same(committed.get(key), fresh.get(key)):
+            diffs[key] = (committed.get(key), fresh.get(key))
+    if "status" not in diffs:
+        old, new = committed.get("metrics") or {}, fresh.get("metrics") or {}
+        for name in EXACT:
+            if not _same(old.get(name), new.get(name)):
+                diffs[name] = (old.get(name), new.get(name))
+    if committed.get(PREDICTIONS) != fresh.get(PREDICTIONS):
+        diffs[PREDICTIONS] = (committed.get(PREDICTIONS), fresh.get(PREDICTIONS))
+    return diffs
+
+
+def format_value(value) -> str:
+    """A cell of a comparison: ints as they are, floats to at most 4 decimals (95.2, not 95.19999999999999),
+    a dict or list (predictions) as the start of its sha256."""
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        if value != 0 and abs(value) < 1e-4:
+            return f"{value:.4g}"
+        return repr(round(value, 4))
+    if isinstance(value, (dict, list, tuple)):
+        digest = hashlib.sha256(json.dumps(_plain(value), sort_keys=True).encode()).hexdigest()
+        return f"sha256 {digest[:12]}"
+    return str(value)
+
+
+def format_pair(old, new) -> tuple[str, str]:
+    """Both cells of a row; two different values that would print alike are shown in full."""
+    a, b = format_value(old), format_value(new)
+    if a == b and not _same(_plain(old), _plain(new)):
+        a, b = repr(old), repr(new)
+    return a, b
 
 
 def verify(path: Path, ctx: Context = Context(), log=None) -> list[tuple[str, object, object, bool]]:
-    """(metric, recorded, re-run, match) for each deterministic metric of the record at ``path``."""
+    """(name, recorded, re-run, match) for each deterministic metric of the record at ``path``, and for its
+    predictions when either record has them; only the status when the two runs ended differently."""
     record = load_record(path)
     if record.status != "finished":
         raise KdbenchError(f"record {path} has status {record.status!r}; only finished runs can be verified")
@@ -30,7 +93,12 @@ def verify(path: Path, ctx: Context = Context(), log=None) -> list[tuple[str, ob
         fresh = run_one(RunSpec.from_record(record), Path(scratch), ctx, log, mirror=None)
     if fresh["config_sha256"] != record.config_sha256:
         raise KdbenchError(f"record {path}: the track's data no longer matches the record's config; cannot verify")
-    if fresh["status"] != "finished":
-        return [("status", record.status, fresh["status"], False)]
-    old = record.metrics.model_dump()
-    return [(name, old[name], fresh["metrics"][name], old[name] == fresh["metrics"][name]) for name in EXACT]
+    committed = json.loads(Path(path).read_text())  # as written, not as pydantic coerces it
+    diffs = compare_records(committed, fresh)
+    if "status" in diffs:
+        return [("status", *diffs["status"], False)]
+    old, new = committed["metrics"], _plain(fresh["metrics"])
+    rows = [(name, old.get(name), new.get(name), name not in diffs) for name in EXACT]
+    if PREDICTIONS in committed or PREDICTIONS in fresh:
+        rows.append((PREDICTIONS, committed.get(PREDICTIONS), _plain(fresh.get(PREDICTIONS)), PREDICTIONS not in diffs))
+    return rows

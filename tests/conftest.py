@@ -23,6 +23,9 @@ tracks:
 """
 
 
+CLEAN_COMMIT = "0" * 40
+
+
 @pytest.fixture(scope="session")
 def session_home(tmp_path_factory):
     return tmp_path_factory.mktemp("kdbench-home")
@@ -38,7 +41,8 @@ def isolated_home(session_home, monkeypatch):
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, session_home):
-    """The tiny suite run once per test module (2 methods × 2 seeds) with its own MLflow store; its folder."""
+    """The tiny suite run once per test module (2 methods × 2 seeds) with its own MLflow store; its folder. Its
+    records say they come from a clean checkout, whatever the state of the working tree running the tests."""
     from kdbench.cli import main
 
     root = tmp_path_factory.mktemp("tiny-run")
@@ -47,6 +51,8 @@ def finished_run(tmp_path_factory, session_home):
     mp = pytest.MonkeyPatch()
     mp.setenv("KDBENCH_HOME", str(session_home))
     mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    for module in ("kdbench.runner", "kdbench.timing"):  # as if made from a clean checkout (tests/test_git_state.py)
+        mp.setattr(f"{module}.git_state", lambda: (CLEAN_COMMIT, False))
     assert main(["run", "--suite", str(suite), "--results-dir", str(root / "results")]) == 0
     mp.undo()
     return root

@@ -126,7 +126,7 @@ LOSS_RTOL = 0.03
 
 
 def _record(results) -> tuple:
-    (path,) = results.rglob("*.json")
+    (path,) = results.rglob("seed*.json")
     return path, json.loads(path.read_text())
 
 

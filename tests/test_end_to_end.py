@@ -8,7 +8,9 @@ import pytest
 from kdbench.cli import main
 from kdbench.errors import KdbenchError
 from kdbench.leaderboard import render
+from kdbench.predictions import split_outcome
 from kdbench.records import load_records
+from kdbench.timing import load_timing, timing_path
 
 
 def test_records_have_every_field(finished_run):
@@ -22,8 +24,13 @@ def test_records_have_every_field(finished_run):
         assert rec.status == "finished"
         m = rec.metrics
         assert 0 <= m.test_top1 <= 100 and 0 <= m.agreement <= 100
-        assert m.params == 614 and m.extra_params == 0 and m.flops > 0 and m.latency_b1_ms > 0
+        assert m.params == 614 and m.extra_params == 0 and m.flops > 0
+        assert m.latency_b1_ms is None  # timed once per architecture, in the pair's timing.json
         assert rec.env.threads == 1 and rec.config["train"]["epochs"] == 2
+        assert rec.suite_seeds == [0, 1] and rec.schema_version == 2
+        assert len(split_outcome(rec.predictions["test"])[1]) == 10_000 and "ids" not in rec.predictions["test"]
+        assert split_outcome(rec.predictions["test"])[1].mean() * 100 == pytest.approx(m.test_top1)
+        assert split_outcome(rec.predictions["val"])[1].mean() * 100 == pytest.approx(m.val_top1)
     hashes = {rec.method: rec.config_sha256 for _, rec in records}
     assert hashes["baseline"] != hashes["vanilla_kd"]
 
@@ -63,10 +70,23 @@ def test_leaderboard_and_check(finished_run, capsys):
     assert main(["leaderboard", "--results-dir", results, "--output", str(out), "--check"]) == 1
 
 
-def test_finished_runs_are_skipped(finished_run, capsys):
+def test_one_timing_per_architecture_shared_by_every_row(finished_run):
+    timing = load_timing(timing_path(finished_run / "results", "tiny", "mnist1d", "cnn1d_w8", "cnn1d_w4"))
+    assert timing["timed_with"] == ["cnn1d_w8", "cnn1d_w4"]
+    assert timing["student_cost"]["params"] == 614 and timing["student_cost"]["latency_b1_ms"] > 0
+    assert timing["teacher_cost"]["latency_b1_ms"] > 0
+    cost_lines = [line for line in render(finished_run / "results").splitlines() if line.startswith("Student `")]
+    assert len(cost_lines) == 1 and f"{timing['student_cost']['latency_b1_ms']:.3f} ms" in cost_lines[0]
+
+
+def test_finished_runs_are_skipped_and_left_untouched(finished_run, capsys):
     suite = str(finished_run / "tiny.yaml")
+    before = {p: p.read_bytes() for p, _ in load_records(finished_run / "results")}
+    timing = timing_path(finished_run / "results", "tiny", "mnist1d", "cnn1d_w8", "cnn1d_w4").read_bytes()
     assert main(["run", "--suite", suite, "--results-dir", str(finished_run / "results"), "--seeds", "0"]) == 0
-    assert "skipped" in capsys.readouterr().err
+    assert "0 of 2 runs trained" in capsys.readouterr().out
+    assert {p: p.read_bytes() for p, _ in load_records(finished_run / "results")} == before
+    assert timing_path(finished_run / "results", "tiny", "mnist1d", "cnn1d_w8", "cnn1d_w4").read_bytes() == timing
 
 
 def test_same_seed_same_metrics(finished_run, tmp_path):
@@ -91,7 +111,7 @@ def test_failed_runs_are_counted_not_hidden(finished_run, tmp_path):
     path.write_text(json.dumps(raw))
     row = next(line for line in render(results).splitlines() if line.startswith("| vanilla_kd"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[1:3] == ["1", "1"]  # n finished, failed
+    assert cells[0] == "vanilla_kd (incomplete: 1/2 seeds)" and cells[1:3] == ["1", "1"]  # n finished, failed
 
 
 def test_verify_reports_match_and_mismatch(finished_run, tmp_path, capsys):

@@ -67,12 +67,13 @@ def ray_run(tmp_path_factory, tracking_server, finished_run):
 
 
 def _records(results: Path) -> dict[str, dict]:
-    return {str(p.relative_to(results)): json.loads(p.read_text()) for p in sorted(results.rglob("*.json"))}
+    return {str(p.relative_to(results)): json.loads(p.read_text()) for p in sorted(results.rglob("seed*.json"))}
 
 
 def _untimed(record: dict) -> dict:
-    """A record without what differs between two executions of the same run: timings and when/where it ran."""
-    out = {k: v for k, v in record.items() if k not in ("created_at", "env")}
+    """A record without what differs between two executions of the same run: timings, when/where it ran and
+    the checkout's state (the local fixture's records say they come from a clean checkout, conftest)."""
+    out = {k: v for k, v in record.items() if k not in ("created_at", "env", "git_commit", "git_dirty")}
     out["metrics"] = {k: record["metrics"][k] for k in EXACT}
     return out
 

@@ -200,7 +200,7 @@ def test_missing_pretrained_file(data_root, tmp_path, capsys):
 def _smoke(data_root, results, methods: list[str]) -> list[dict]:
     argv = ["run", "--suite", "imagenet-smoke", "--data-root", str(data_root), "--results-dir", str(results)]
     assert main(argv + [a for m in methods for a in ("--method", m)]) == 0
-    return [json.loads(p.read_text()) for p in sorted(results.rglob("*.json"))]
+    return [json.loads(p.read_text()) for p in sorted(results.rglob("seed*.json"))]
 
 
 def test_smoke_suite_vanilla_kd(data_root, tmp_path):
@@ -223,5 +223,5 @@ def test_smoke_suite_every_method(data_root, tmp_path):
     assert sorted(r["method"] for r in records) == sorted(METHODS.names())
     assert all(r["status"] == "finished" for r in records), [(r["method"], r.get("error")) for r in records]
     # re-running a record's config and seed gives the same accuracy and agreement, exactly
-    (kd,) = [p for p in sorted((tmp_path / "r").rglob("*.json")) if "vanilla_kd" in str(p)]
+    (kd,) = [p for p in sorted((tmp_path / "r").rglob("seed*.json")) if "vanilla_kd" in str(p)]
     assert main(["verify", str(kd), "--data-root", str(data_root)]) == 0

@@ -7,7 +7,7 @@ import mlflow
 import pytest
 
 from kdbench.cli import main
-from kdbench.leaderboard import render, render_figures
+from kdbench.leaderboard import build, render
 from kdbench.records import load_records
 
 
@@ -25,7 +25,7 @@ def _check(root) -> int:
 
 def test_plots_are_written_and_embedded(plotted_run):
     links = re.findall(r"!\[[^]]+\]\(([^)]+)\)", (plotted_run / "leaderboard.md").read_text())
-    prefix = "results/plots/tiny-mnist1d-cnn1d_w8--cnn1d_w4"
+    prefix = "results/plots/tiny-mnist1d"
     assert links == [f"{prefix}-latency.png", f"{prefix}-params.png"]
     for link in links:
         assert (plotted_run / link).read_bytes().startswith(b"\x89PNG")
@@ -33,8 +33,8 @@ def test_plots_are_written_and_embedded(plotted_run):
 
 
 def test_plots_are_byte_identical_on_regeneration(plotted_run):
-    figures = render_figures(plotted_run / "results")
-    assert figures == render_figures(plotted_run / "results")
+    figures = build(plotted_run / "results").figures
+    assert figures == build(plotted_run / "results").figures
     assert figures == {rel: (plotted_run / rel).read_bytes() for rel in figures}
     assert all(b"Software" not in data and b"Matplotlib" not in data for data in figures.values())
 
@@ -44,7 +44,7 @@ def test_check_fails_on_a_missing_or_altered_plot(plotted_run, tmp_path, damage,
     root = tmp_path / "copy"
     shutil.copytree(plotted_run, root)
     assert _check(root) == 0
-    png = root / "results/plots/tiny-mnist1d-cnn1d_w8--cnn1d_w4-params.png"
+    png = root / "results/plots/tiny-mnist1d-params.png"
     if damage == "delete":
         png.unlink()
     else:
@@ -85,11 +85,30 @@ def test_mlflow_curves_have_one_point_per_epoch(plotted_run):
             assert [p.value for p in points] == [row[name] for row in rec.history], name
 
 
-def test_one_seed_draws_without_error_bars(plotted_run, tmp_path):
+def test_plots_draw_each_methods_interval(plotted_run, tmp_path, monkeypatch):
+    """The error bars are the table's 95 % intervals: the figure changes when an interval does, and the
+    bars drawn span exactly each row's interval."""
+    from matplotlib.axes import Axes
+
+    drawn = []
+    original = Axes.errorbar
+
+    def spy(self, x, y, yerr=None, **kwargs):
+        drawn.append((kwargs.get("label"), list(y), [list(e) for e in yerr]))
+        return original(self, x, y, yerr=yerr, **kwargs)
+
+    monkeypatch.setattr(Axes, "errorbar", spy)
+    board = build(plotted_run / "results")
+    text = board.text
+    for label, ys, (below, above) in drawn[:2]:
+        method = label.split(" ")[0]
+        cell = next(line for line in text.splitlines() if line.startswith(f"| {method} ")).split("|")[4].strip()
+        mean, low, high = (float(v) for v in cell.replace("[", "").replace("]", "").replace(",", "").split())
+        assert ys[0] == pytest.approx(mean, abs=0.005)
+        assert ys[0] - below[0] == pytest.approx(low, abs=0.005) and ys[0] + above[0] == pytest.approx(high, abs=0.005)
     results = tmp_path / "results"
     shutil.copytree(plotted_run / "results", results)
     for path, rec in load_records(results):
         if rec.seed == 1:
             path.unlink()
-    figures = render_figures(results)
-    assert len(figures) == 2 and figures != render_figures(plotted_run / "results")
+    assert build(results).figures != board.figures

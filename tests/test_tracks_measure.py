@@ -13,7 +13,7 @@ from kdbench.tracks import load_track
 
 def test_mnist1d_splits():
     data = load_track("mnist1d")
-    assert (len(data.train), len(data.val), len(data.test)) == (3600, 400, 1000)
+    assert (len(data.train), len(data.val), len(data.test)) == (10_000, 2_000, 10_000)
     assert data.train.x.shape[1:] == (1, 40) and data.in_shape == (1, 40)
     # stratified: each class's share of val is its share of train, to within one sample
     expected = torch.bincount(data.train.y) * len(data.val) / len(data.train)
@@ -74,3 +74,36 @@ def test_digits_splits_and_2d_models():
     assert torch.bincount(data.test.y).min() >= 35  # stratified: ~36 per class
     shapes = probe_shapes(create_model("cnn2d_w4"), ["stage:0", "stage:1", "stage:2"], data.train.x)
     assert shapes == {"logits": (10,), "stage:0": (4, 8, 8), "stage:1": (4, 4, 4), "stage:2": (4, 2, 2)}
+
+
+def test_mnist1d_augmentation_is_the_generators_shift_and_scale_by_hand():
+    from kdbench.tracks.small import MNIST1D_MAX_SHIFT, MNIST1D_SCALE, augment_mnist1d
+
+    x = torch.arange(2 * 40, dtype=torch.float32).view(2, 1, 40)
+    out = augment_mnist1d(x, torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)  # the same draws, in the same order
+    shift = torch.randint(0, MNIST1D_MAX_SHIFT + 1, (2, 1, 1), generator=g).flatten().tolist()
+    scale = (1 + MNIST1D_SCALE * (torch.rand(2, 1, 1, generator=g) - 0.5)).flatten().tolist()
+    for i in range(2):
+        expected = torch.roll(x[i, 0], shift[i]) * scale[i]  # circular, as mnist1d.transform.translate
+        assert torch.allclose(out[i, 0], expected)
+    assert torch.equal(augment_mnist1d(x, torch.Generator().manual_seed(5)), out)  # seeded
+    assert load_track("mnist1d").train.augment is augment_mnist1d
+
+
+def test_digits_folds_test_every_image_once_per_repetition_and_never_train_on_it():
+    from kdbench.tracks import sample_ids
+
+    data = load_track("digits")
+    for repetition in (0, 3):
+        tested = []
+        for fold in range(5):
+            split = data.for_seed(5 * repetition + fold)
+            train, val, test = (set(sample_ids(s).tolist()) for s in (split.train, split.val, split.test))
+            assert not (train & test) and not (val & test) and not (train & val)
+            assert len(train | val | test) == 1797
+            assert split.description["repetition"] == repetition and split.description["fold"] == fold
+            tested += sorted(test)
+        assert sorted(tested) == list(range(1797))
+    assert sample_ids(data.for_seed(0).test).tolist() != sample_ids(data.for_seed(5).test).tolist()
+    assert "fold" not in data.description  # the run's config names the scheme, the same for every seed

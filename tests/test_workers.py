@@ -11,7 +11,7 @@ THREADED = TINY_SUITE.replace("lr: 0.01}", "lr: 0.01, threads: 1}")
 
 
 def _records(root):
-    return {p.relative_to(root): json.loads(p.read_text()) for p in sorted(root.rglob("*.json"))}
+    return {p.relative_to(root): json.loads(p.read_text()) for p in sorted(root.rglob("seed*.json"))}
 
 
 def test_two_workers_match_sequential(tmp_path, capsys):

@@ -34,6 +34,7 @@ class Split:
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None
     augment: Augment | None = None  # random, training batches only; runs before ``transform``
     eval_batch: int = EVAL_BATCH
+    ids: torch.Tensor | None = None  # each sample's index in the track's data (None: its position in this split)
 
     def __len__(self) -> int:
         return len(self.y)
@@ -64,7 +65,14 @@ class Split:
         return self.transform(x) if self.transform else x
 
     def subset(self, indices: torch.Tensor) -> Split:
-        return replace(self, x=self.x[indices], y=self.y[indices])
+        return replace(self, x=self.x[indices], y=self.y[indices], ids=sample_ids(self)[indices])
+
+
+def sample_ids(split) -> torch.Tensor:
+    """Each sample's index in the track's data (its position in the split where the split keeps none): what
+    pairs two runs' predictions sample by sample."""
+    ids = getattr(split, "ids", None)
+    return ids if ids is not None else torch.arange(len(split))
 
 
 @dataclass(frozen=True)
@@ -75,6 +83,17 @@ class TrackData:
     num_classes: int
     in_shape: tuple[int, ...]
     description: dict = field(default_factory=dict)  # what defines the data; part of the run's config
+    # cross-validated tracks: the splits of a run with this seed (its fold), else None: every seed shares these
+    by_seed: Callable[[int], TrackData] | None = None
+
+    def for_seed(self, seed: int) -> TrackData:
+        """The splits a run with ``seed`` trains and is tested on (its fold on a cross-validated track); the
+        description then names the fold, so each fold's teacher is trained and cached apart."""
+        if self.by_seed is None:
+            return self
+        fold = self.by_seed(seed)
+        limit = self.description.get("limit")
+        return fold.limited(limit) if limit else fold
 
     def limited(self, limit: dict[str, int] | None) -> TrackData:
         """A fixed subset (seeded, ``VAL_SEED``) of at most ``limit[split]`` samples per split, for smoke runs."""
