@@ -393,25 +393,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=["methods", "models", "tracks", "suites", "pairs"])
     p.set_defaults(func=cmd_list)
 
+    def add_selection(p, results_help: str) -> None:
+        """The grid's selection and where its data and device are: shared by run and reproduce."""
+        p.add_argument("--suite", default="cpu", help="suite name (benchmarks/<name>.yaml) or a YAML path (default: cpu)")
+        p.add_argument("--method", action="append", help="only these methods (repeat or comma-separate)")
+        p.add_argument("--track", action="append", help="only these tracks")
+        p.add_argument("--pair", action="append", help="only these pairs, as teacher:student")
+        p.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2 (default: the suite's)")
+        p.add_argument("--results-dir", default="results", help=results_help)
+        p.add_argument("--data-root", help="folder with the datasets of full-tier tracks (see README, Full tier)")
+        p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default auto: cuda for GPU-tier "
+                       "suites when one is present, else cpu)")
+        p.add_argument("--workers", default="auto", help="runs at once on this machine (default auto: one per share "
+                       "of the CPUs that a run's training threads need; 1 on a GPU)")
+        p.add_argument("-v", "--verbose", action="store_true", help="print every epoch")
+
     p = add("run", "run a suite (or part of it), writing one record per run")
-    p.add_argument("--suite", default="cpu", help="suite name (benchmarks/<name>.yaml) or a YAML path (default: cpu)")
-    p.add_argument("--method", action="append", help="only these methods (repeat or comma-separate)")
-    p.add_argument("--track", action="append", help="only these tracks")
-    p.add_argument("--pair", action="append", help="only these pairs, as teacher:student")
-    p.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2 (default: the suite's)")
-    p.add_argument("--results-dir", default="results", help="where records go (default: results)")
-    p.add_argument("--data-root", help="folder with the datasets of full-tier tracks (see README, Full tier)")
+    add_selection(p, "where records go (default: results)")
     p.add_argument("--download", action="store_true", help="download a missing dataset where the track can (CIFAR)")
-    p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default auto: cuda for GPU-tier suites "
-                   "when one is present, else cpu)")
-    p.add_argument("--workers", default="auto", help="runs at once on this machine (default auto: one per share of "
-                   "the CPUs that a run's training threads need; 1 on a GPU)")
     p.add_argument("--executor", choices=["local", "ray"], default="local", help="local: this machine (default); "
                    "ray: one Ray task per run, records written here (README, Scaling out)")
     p.add_argument("--address", help="with --executor ray: the cluster to join, e.g. ray://head:10001 or auto "
                    "(default: start a local Ray instance)")
     p.add_argument("--force", action="store_true", help="redo runs that already have a finished record")
-    p.add_argument("-v", "--verbose", action="store_true", help="print every epoch")
     p.set_defaults(func=cmd_run)
 
     p = add("leaderboard", "regenerate leaderboard.md from the records")
@@ -439,19 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("reproduce", "re-train a suite's runs into a scratch folder from a cold teacher cache and compare each "
             "with its committed record exactly (exit 1 unless all match)")
-    p.add_argument("--suite", default="cpu", help="suite name (benchmarks/<name>.yaml) or a YAML path (default: cpu)")
-    p.add_argument("--method", action="append", help="only these methods (repeat or comma-separate)")
-    p.add_argument("--track", action="append", help="only these tracks")
-    p.add_argument("--pair", action="append", help="only these pairs, as teacher:student")
-    p.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1 (default: the suite's)")
-    p.add_argument("--results-dir", default="results", help="the committed records to compare with (default: results)")
+    add_selection(p, "the committed records to compare with (default: results)")
     p.add_argument("--scratch", help="a new or empty folder for the fresh records, teachers and MLflow store, kept "
                    "afterwards (default: a temporary folder, deleted at the end)")
-    p.add_argument("--data-root", help="folder with the datasets of full-tier tracks (see README, Full tier)")
-    p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default auto: cuda for GPU-tier suites "
-                   "when one is present, else cpu)")
-    p.add_argument("--workers", default="auto", help="runs at once on this machine (default auto, as for run)")
-    p.add_argument("-v", "--verbose", action="store_true", help="print every epoch")
     p.set_defaults(func=cmd_reproduce)
 
     p = add("compare", "is row A better than row B? Δ with its 95 % interval and p-value, runs paired by seed")

@@ -62,26 +62,26 @@ class Resampler:
     def difference(self, a: Outcomes, b: Outcomes) -> Difference:
         """Δ = A − B in points over the seeds both have, with its interval and p-value."""
         correct, present = self._cells(a, b)
-        diff = np.where(present, correct[0] - correct[1], 0.0)
-        delta = 100 * diff.sum() / present.sum()
-        num = np.einsum("bs,sn,bn->b", self.seed_weights, diff, self.sample_weights, optimize=True)
-        den = np.einsum("bs,sn,bn->b", self.seed_weights, present.astype(float), self.sample_weights, optimize=True)
-        reps = 100 * num / np.maximum(den, 1)
+        delta = 100 * (correct[0] - correct[1])[present].mean()
+        reps = self._replicates(np.where(present, correct[0] - correct[1], 0.0), present)
         low, high = np.quantile(reps, [ALPHA / 2, 1 - ALPHA / 2])
         tail = min((reps <= 0).sum(), (reps >= 0).sum())
         p = min(1.0, 2 * (tail + 1) / (len(reps) + 1))
-        return Difference(float(delta), float(low), float(high), float(reps.std(ddof=1)), p,
+        return Difference(float(delta), float(low), float(high), float(reps.std(ddof=1)), float(p),
                           int(present.any(1).sum()), int(present.any(0).sum()))
 
     def accuracy(self, a: Outcomes) -> tuple[float, float, float]:
         """Mean accuracy (points) and its 95 % interval under the same resampling."""
         correct, present = self._cells(a)
-        num = np.einsum("bs,sn,bn->b", self.seed_weights, np.where(present, correct[0], 0.0), self.sample_weights,
-                        optimize=True)
-        den = np.einsum("bs,sn,bn->b", self.seed_weights, present.astype(float), self.sample_weights, optimize=True)
-        reps = 100 * num / np.maximum(den, 1)
-        low, high = np.quantile(reps, [ALPHA / 2, 1 - ALPHA / 2])
+        low, high = np.quantile(self._replicates(np.where(present, correct[0], 0.0), present), [ALPHA / 2, 1 - ALPHA / 2])
         return float(100 * correct[0][present].mean()), float(low), float(high)
+
+    def _replicates(self, values: np.ndarray, present: np.ndarray) -> np.ndarray:
+        """The mean (points) over the present cells of every replicate; a replicate that drew none of them (a
+        row with fewer seeds than the table) is left out."""
+        num = np.einsum("bs,sn,bn->b", self.seed_weights, values, self.sample_weights, optimize=True)
+        den = np.einsum("bs,sn,bn->b", self.seed_weights, present.astype(float), self.sample_weights, optimize=True)
+        return 100 * num[den > 0] / den[den > 0]
 
     def _cells(self, *outcomes: Outcomes) -> tuple[np.ndarray, np.ndarray]:
         """(correct per method, seed × sample; present where every method's run of that seed tested it)."""

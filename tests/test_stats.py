@@ -92,3 +92,13 @@ def test_holm_matches_a_hand_computation():
 def test_minimum_detectable_effect_by_hand():
     # (z_0.975 + z_0.8) · SE = (1.959964 + 0.841621) · 0.2
     assert minimum_detectable_effect(0.2) == pytest.approx(0.560317, abs=1e-6)
+
+
+def test_a_row_with_fewer_seeds_than_its_table_keeps_a_sensible_interval():
+    rng = np.random.default_rng(4)
+    correct = rng.random((5, 300)) < 0.9
+    resampler = Resampler(list(range(5)), np.arange(300), replicates=400)
+    partial = Outcomes({s: (np.arange(300), correct[s]) for s in (0, 1)})  # 2 of the table's 5 seeds
+    mean, low, high = resampler.accuracy(partial)
+    assert mean == pytest.approx(100 * correct[:2].mean())
+    assert 80 < low <= mean <= high < 100  # replicates that drew neither seed are left out, not counted as 0
