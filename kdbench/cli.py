@@ -266,12 +266,17 @@ def cmd_leaderboard(args) -> int:
     from kdbench.leaderboard import write_or_check
     from kdbench.plots import PLOT_DIR
 
-    ok = write_or_check(Path(args.results_dir), Path(args.output), args.check)
-    if args.check:
-        print(f"{args.output} and its plots are up to date" if ok else f"{args.output} or its plots differ from what {args.results_dir} gives; run `kdbench leaderboard`")
-    else:
+    wrong = write_or_check(Path(args.results_dir), Path(args.output), args.check)
+    if not args.check:
         print(f"wrote {args.output} and its plots under {Path(args.output).parent / PLOT_DIR}")
-    return 0 if ok else 1
+    elif wrong == "rows":
+        print(f"{args.results_dir} has rows that cannot be published (above): finish their seeds with `kdbench run`, "
+              "or re-run records made from uncommitted code after committing it")
+    elif wrong == "stale":
+        print(f"{args.output} or its plots differ from what {args.results_dir} gives; run `kdbench leaderboard`")
+    else:
+        print(f"{args.output} and its plots are up to date; every row is complete and made from committed code")
+    return 0 if wrong is None else 1
 
 
 def cmd_new_method(args) -> int:

@@ -246,6 +246,12 @@ def table_half_width(diffs: list) -> float:
     return float(np.median([d.half_width for d in diffs]))
 
 
+def _student_size(group: pd.DataFrame) -> float:
+    """The pair's student parameters, so that a track's tables run from the smallest student up."""
+    params = group["m_params"].dropna() if "m_params" in group else pd.Series(dtype=float)
+    return float(params.iloc[0]) if len(params) else float("inf")
+
+
 def _order(group: pd.DataFrame) -> list[str]:
     """Methods in table order: the baseline first, then by mean test top-1."""
     finished = group[group["status"] == "finished"]
@@ -272,7 +278,8 @@ def build(results_dir: Path, published_file: Path = PUBLISHED) -> Board:
     for (suite, track), track_group in df.groupby(["suite", "track"], sort=True):
         parts += [f"## {track} (suite `{suite}`)", ""]
         tables = {}
-        for (teacher, student), group in track_group.groupby(["teacher", "student"], sort=True):
+        pairs = track_group.groupby(["teacher", "student"], sort=True)
+        for (teacher, student), group in sorted(pairs, key=lambda item: (item[0][0], _student_size(item[1]))):
             key = (suite, track, teacher, student)
             timing = load_timing(timing_path(results_dir, *key))
             table = _pair_table(group, timing, published.lookup(*key))
@@ -294,9 +301,9 @@ def render(results_dir: Path, published_file: Path = PUBLISHED) -> str:
     return build(results_dir, published_file).text
 
 
-def write_or_check(results_dir: Path, output: Path, check: bool) -> bool:
-    """Write ``output`` and its plots; with ``check``, write nothing and return whether all are up to date and
-    every row is complete and traceable to a commit."""
+def write_or_check(results_dir: Path, output: Path, check: bool) -> str | None:
+    """Write ``output`` and its plots; with ``check``, write nothing and say what is wrong (None: all up to date,
+    every row complete and traceable to a commit): "rows" for incomplete or untraceable rows, "stale" else."""
     board = build(results_dir)
     plot_dir = output.parent / plots.PLOT_DIR
     orphans = sorted(set(plot_dir.glob("*.png")) - {output.parent / rel for rel in board.figures})
@@ -307,22 +314,22 @@ def write_or_check(results_dir: Path, output: Path, check: bool) -> bool:
             (output.parent / rel).write_bytes(data)
         for path in orphans:  # pictures of tables that are gone
             path.unlink()
-        return True
+        return None
     if board.problems:
         print("\n".join(board.problems[:10]) + (f"\n… and {len(board.problems) - 10} more" if len(board.problems) > 10 else ""))
-        return False
+        return "rows"
     current = output.read_text() if output.exists() else ""
     if current != board.text:
         diff = difflib.unified_diff(current.splitlines(), board.text.splitlines(), str(output), "generated",
                                     lineterm="", n=0)
         print("\n".join(list(diff)[:20]))
-        return False
+        return "stale"
     for rel, data in sorted(board.figures.items()):
         path = output.parent / rel
         if not path.exists() or path.read_bytes() != data:
             print(f"{path} is {'stale' if path.exists() else 'missing'}")
-            return False
+            return "stale"
     if orphans:
         print(f"{orphans[0]} is not drawn from any table")
-        return False
-    return True
+        return "stale"
+    return None

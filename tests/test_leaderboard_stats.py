@@ -71,7 +71,9 @@ def test_check_refuses_a_row_missing_a_declared_seed(finished_run, tmp_path, cap
     next(p for p, r in load_records(root / "results") if r.method == "vanilla_kd" and r.seed == 1).unlink()
     assert main(["leaderboard", "--results-dir", str(root / "results"), "--output", str(root / "leaderboard.md")]) == 0
     assert main(check) == 1
-    assert "vanilla_kd: 1 of the 2 seeds the suite declares have finished records" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "vanilla_kd: 1 of the 2 seeds the suite declares have finished records" in out
+    assert "has rows that cannot be published" in out and "run `kdbench leaderboard`" not in out
     assert "| vanilla_kd (incomplete: 1/2 seeds)" in (root / "leaderboard.md").read_text()
 
 
