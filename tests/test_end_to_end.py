@@ -51,7 +51,12 @@ def test_every_run_is_in_mlflow(finished_run):
     runs = mlflow.search_runs(search_all_experiments=True)
     assert len(runs) == 4
     assert set(runs["tags.method"]) == {"baseline", "vanilla_kd"}
-    assert (runs["metrics.test_top1"] >= 0).all()
+    from kdbench.tracking import record_key
+
+    records = {record_key(rec.model_dump(mode="json")): rec for _, rec in load_records(finished_run / "results")}
+    assert set(runs["tags.record_key"]) == set(records)
+    for _, run in runs.iterrows():  # each run's final metric is its record's
+        assert run["metrics.test_top1"] == pytest.approx(records[run["tags.record_key"]].metrics.test_top1)
     client = mlflow.MlflowClient()
     curve = client.get_metric_history(runs["run_id"].iloc[0], "val_top1")
     assert [p.step for p in curve] == [1, 2]

@@ -110,4 +110,5 @@ def test_one_step_on_2d_feature_maps(method):
     total = sum(terms.values())
     assert torch.isfinite(total)
     total.backward()
-    assert all(p.grad is not None for p in student.parameters())
+    for name, p in student.named_parameters():
+        assert p.grad is not None and torch.any(p.grad != 0), f"no gradient reaches student {name} on 2-D maps"

@@ -25,9 +25,24 @@ def test_teacher_is_trained_once_and_reproducible(tmp_path, monkeypatch):
     assert not again.training
 
 
-def test_teacher_key_depends_on_config(tmp_path, monkeypatch):
-    monkeypatch.setenv("KDBENCH_HOME", str(tmp_path))
+def test_teacher_key_depends_on_config_seed_and_data():
+    """Anything that changes what the teacher learns changes its key (the cache's file name): the training
+    schedule, the seed, the architecture and the data (a cross-validation fold); the same inputs, the same key."""
+    from dataclasses import replace
+
+    from kdbench.train import teacher_key
+
     data = load_track("mnist1d")
-    _, a = load_or_train_teacher("mnist1d", data, "cnn1d_w4", CFG, seed=0)
-    _, b = load_or_train_teacher("mnist1d", data, "cnn1d_w4", CFG, seed=1)
-    assert a != b
+    base = teacher_key("mnist1d", data, "cnn1d_w4", CFG, 0)
+    assert teacher_key("mnist1d", data, "cnn1d_w4", CFG, 0) == base
+    variants = [
+        teacher_key("mnist1d", data, "cnn1d_w4", CFG.model_copy(update={"lr": 0.02}), 0),
+        teacher_key("mnist1d", data, "cnn1d_w4", CFG.model_copy(update={"epochs": 2}), 0),
+        teacher_key("mnist1d", data, "cnn1d_w4", CFG, 1),
+        teacher_key("mnist1d", data, "cnn1d_w8", CFG, 0),
+        teacher_key("mnist1d", replace(data, description={**data.description, "fold": 1}), "cnn1d_w4", CFG, 0),
+    ]
+    assert len({base, *variants}) == 1 + len(variants)
+    digits = load_track("digits")
+    assert teacher_key("digits", digits.for_seed(0), "cnn2d_w4", CFG, 0) != teacher_key(
+        "digits", digits.for_seed(1), "cnn2d_w4", CFG, 0)
