@@ -22,7 +22,7 @@ from kdbench.machine import usable_cpus
 from kdbench.records import record_path, write_record
 from kdbench.runner import Context, run_one, train_and_measure
 from kdbench.tracking import log_run, tracking_uri
-from kdbench.train import kdbench_home
+from kdbench.paths import kdbench_home
 
 FORWARDED_ENV = ("KDBENCH_HOME", "MLFLOW_TRACKING_URI", "KDBENCH_METHODS_PATH", "KDBENCH_TEACHER_CACHE",
                  "KDBENCH_TEACHER_CACHE_MB", "KDBENCH_NUM_WORKERS")

@@ -12,6 +12,8 @@ import contextlib
 import os
 from collections.abc import Iterator
 
+from kdbench.paths import kdbench_home
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows
@@ -23,8 +25,6 @@ def _flock(exclusive: bool) -> Iterator[None]:
     if fcntl is None:
         yield
         return
-    from kdbench.train import kdbench_home
-
     path = kdbench_home() / "machine.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)

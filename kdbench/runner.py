@@ -38,7 +38,8 @@ from kdbench.records import (
 from kdbench.teacher_cache import cached_teacher_outputs
 from kdbench.tracking import log_run
 from kdbench.tracks import TrackData, load_track
-from kdbench.train import DivergedError, fit, kdbench_home, load_or_train_teacher
+from kdbench.paths import kdbench_home
+from kdbench.train import DivergedError, fit, load_or_train_teacher
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from kdbench.config import sha256_of
 from kdbench.features import FeatureTaps
 from kdbench.tracks import Split
-from kdbench.train import kdbench_home
+from kdbench.paths import kdbench_home
 
 CACHE_FORMAT = 1
 DEFAULT_BUDGET_MB = 2048

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from kdbench.train import kdbench_home
+from kdbench.paths import kdbench_home
 
 
 def local_store_uri() -> str:

@@ -27,6 +27,7 @@ from kdbench.machine import training_share
 from kdbench.measure import predict, top1
 from kdbench.method import Method, MethodConfig, SupervisedOnly
 from kdbench.models import create_model, model_device, pretrained_path, weights_digest
+from kdbench.paths import kdbench_home
 from kdbench.tracks import TrackData
 
 if TYPE_CHECKING:
@@ -37,11 +38,6 @@ TEACHER_FORMAT = 3  # bump when teacher training code changes what it produces (
 
 class DivergedError(KdbenchError):
     """The loss became NaN or infinite."""
-
-
-def kdbench_home() -> Path:
-    """Local state (MLflow store, teacher checkpoints): ``$KDBENCH_HOME`` or ``./.kdbench``."""
-    return Path(os.environ.get("KDBENCH_HOME", ".kdbench")).resolve()
 
 
 def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -27,6 +27,7 @@ import torch
 from sklearn.model_selection import train_test_split
 
 from kdbench.errors import KdbenchError
+from kdbench.paths import kdbench_home
 from kdbench.tracks import VAL_SEED, Split, TrackData, missing_data, register_track, require_data_root
 
 MAX_LENGTH = 128
@@ -54,8 +55,6 @@ def sha256_file(path: Path) -> str:
 
 
 def _cache_dir() -> str:
-    from kdbench.train import kdbench_home
-
     return str(kdbench_home() / "datasets")
 
 
