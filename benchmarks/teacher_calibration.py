@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from kdbench.runner import Context, track_data
 from kdbench.suite import expand, load_suite
-from kdbench.train import load_or_train_teacher
+from kdbench.teachers import load_or_train_teacher
 
 BINS = 15  # expected calibration error over equal-width confidence bins (Guo et al., ICML 2017)
 

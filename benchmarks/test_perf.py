@@ -25,10 +25,10 @@ from kdbench.method import METHODS
 from kdbench.models import create_model
 from kdbench.runner import Context, _build_methods, deterministic, track_data
 from kdbench.suite import expand, load_suite
-from kdbench.teacher_cache import cached_teacher_outputs
+from kdbench.teachers import cached_teacher_outputs, load_or_train_teacher
 from kdbench.tracks import Split, TrackData
 from kdbench.tracks.sst2 import MAX_LENGTH, PRETRAINED
-from kdbench.train import fit, load_or_train_teacher, make_optimizer, make_scheduler
+from kdbench.train import fit, make_optimizer, make_scheduler
 
 ROUNDS = 5
 PAIRED_ROUNDS = 30

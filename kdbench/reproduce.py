@@ -49,18 +49,18 @@ def cold_home(scratch: Path) -> Iterator[Path]:
     """Within the block, KDBENCH_HOME is ``<scratch>/home`` and MLFLOW_TRACKING_URI an sqlite store in it (the
     spawned workers of kdbench.executor inherit both), and this process holds no teacher outputs in memory;
     the environment is restored after."""
-    from kdbench import teacher_cache
+    from kdbench import teachers
 
     home = (Path(scratch) / "home").resolve()
     home.mkdir(parents=True, exist_ok=True)
     saved = {name: os.environ.get(name) for name in HOME_ENV}
     os.environ["KDBENCH_HOME"] = str(home)
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{home / 'mlflow.db'}"
-    teacher_cache._MEMORY.clear()  # outputs computed from the user's cached teachers would make the cache warm
+    teachers._MEMORY.clear()  # outputs computed from the user's cached teachers would make the cache warm
     try:
         yield home
     finally:
-        teacher_cache._MEMORY.clear()
+        teachers._MEMORY.clear()
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)

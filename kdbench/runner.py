@@ -35,11 +35,11 @@ from kdbench.records import (
     record_path,
     write_record,
 )
-from kdbench.teacher_cache import cached_teacher_outputs
+from kdbench.teachers import cached_teacher_outputs, load_or_train_teacher
 from kdbench.tracking import log_run
 from kdbench.tracks import TrackData, load_track
 from kdbench.paths import kdbench_home
-from kdbench.train import DivergedError, fit, load_or_train_teacher
+from kdbench.train import DivergedError, fit
 
 
 @dataclass(frozen=True)

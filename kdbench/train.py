@@ -1,4 +1,4 @@
-"""The one generic training loop, and teachers trained once and cached by config hash."""
+"""The one generic training loop (students, teachers and the methods' own modules alike)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import math
 import operator
 import os
 import sys
-import time
 from collections import defaultdict
 from collections.abc import Callable
 from functools import reduce
@@ -15,26 +14,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from filelock import FileLock
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from kdbench.config import TrainConfig, sha256_of
+from kdbench.config import TrainConfig
 from kdbench.distributed import Ranks, data_parallel, is_main, mean_over_ranks, per_rank_batch, shard
 from kdbench.errors import KdbenchError
 from kdbench.features import FeatureTaps
 from kdbench.machine import training_share
 from kdbench.measure import predict, top1
-from kdbench.method import Method, MethodConfig, SupervisedOnly
-from kdbench.models import create_model, model_device, pretrained_path, weights_digest
-from kdbench.paths import kdbench_home
+from kdbench.method import Method
+from kdbench.models import model_device
 from kdbench.tracks import TrackData
 
 if TYPE_CHECKING:
-    from kdbench.teacher_cache import TeacherOutputs
-
-TEACHER_FORMAT = 3  # bump when teacher training code changes what it produces (2: seeded initial weights; 3: fused AdamW)
-
+    from kdbench.teachers import TeacherOutputs
 
 class DivergedError(KdbenchError):
     """The loss became NaN or infinite."""
@@ -237,45 +230,3 @@ def _resume(path: Path, stateful: dict, order: torch.Generator) -> list[dict]:
     order.set_state(state["order"])
     print(f"resumed from {path} after epoch {len(state['history'])}", file=sys.stderr)
     return state["history"]
-
-
-def teacher_key(track: str, data: TrackData, teacher: str, cfg: TrainConfig | None, seed: int,
-                weights: Path | None = None) -> str:
-    return sha256_of(
-        {"track": track, "data": data.description, "teacher": teacher, "train": cfg and cfg.model_dump(mode="json"),
-         "seed": seed, "format": TEACHER_FORMAT} | ({"pretrained": weights_digest(weights)} if weights else {})
-    )
-
-
-def load_or_train_teacher(track: str, data: TrackData, name: str, cfg: TrainConfig | None, seed: int,
-                          device: torch.device | str = "cpu", data_root: Path | None = None) -> tuple[nn.Module, str]:
-    """The teacher for (track, teacher config), trained once and cached as safetensors; (model, key).
-
-    A teacher with pretrained weights starts from them (``data_root/pretrained/...``); with ``cfg`` None it is
-    used as it is, without training.
-    """
-    weights = pretrained_path(name, data_root)
-    key = teacher_key(track, data, name, cfg, seed, weights)
-    torch.manual_seed(seed)  # the initial weights, too, come from the teacher's own seed
-    model = create_model(name, data.num_classes, data.in_shape, data_root).to(device)
-    if cfg is None:
-        if weights is None:
-            raise KdbenchError(f"teacher {name} has no pretrained weights: give the suite's track a teacher_train")
-        return model.eval(), key
-    path = kdbench_home() / "teachers" / f"{track}-{name}-{key[:16]}.safetensors"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
-        if not path.exists():
-            print(f"training teacher {name} on {track} ({cfg.epochs} epochs; cached at {path})", file=sys.stderr)
-            start = time.perf_counter()
-            fit(model, SupervisedOnly(MethodConfig(), {}, {}), None, data, cfg, seed)
-            tmp = path.with_suffix(".tmp")
-            save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
-            os.replace(tmp, path)
-            print(f"teacher trained in {time.perf_counter() - start:.1f}s", file=sys.stderr)
-        try:
-            model.load_state_dict(load_file(str(path), device=str(device)))
-        except Exception as exc:  # noqa: BLE001 - a damaged or foreign file is refused, never unpickled
-            raise KdbenchError(f"teacher checkpoint {path} is not a safetensors weights file for {name} "
-                               f"({type(exc).__name__}); delete it and the teacher is retrained") from None
-    return model.eval(), key

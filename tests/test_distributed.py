@@ -17,7 +17,7 @@ from kdbench.config import TrainConfig
 from kdbench.distributed import Ranks
 from kdbench.features import FeatureTaps, probe_shapes
 from kdbench.method import METHODS
-from kdbench.teacher_cache import TeacherOutputs
+from kdbench.teachers import TeacherOutputs
 from kdbench.tracks import Split, TrackData
 from kdbench.train import fit
 

@@ -1,4 +1,6 @@
-"""Teacher outputs computed once per (teacher checkpoint, data, taps) and reused across methods and seeds.
+"""Teachers: trained once per (track data, architecture, schedule, seed) and cached as safetensors, keyed by
+the sha256 of that config (``teacher_key``); and their outputs, computed once per (teacher checkpoint, data,
+taps) and reused across methods and seeds.
 
 The teacher is frozen and in eval mode, so on a training split without random augmentation its outputs for a
 sample never change: they are computed once, in order, and each training batch reads its rows. They are kept
@@ -12,16 +14,24 @@ caching off (the benchmarks compare both paths).
 from __future__ import annotations
 
 import os
+import sys
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from filelock import FileLock
 from safetensors.torch import load_file, save_file
+from torch import nn
 
-from kdbench.config import sha256_of
+from kdbench.config import TrainConfig, sha256_of
+from kdbench.errors import KdbenchError
 from kdbench.features import FeatureTaps
-from kdbench.tracks import Split
+from kdbench.method import MethodConfig, SupervisedOnly
+from kdbench.models import create_model, pretrained_path, weights_digest
 from kdbench.paths import kdbench_home
+from kdbench.tracks import Split, TrackData
+from kdbench.train import fit
 
 CACHE_FORMAT = 1
 DEFAULT_BUDGET_MB = 2048
@@ -88,3 +98,48 @@ def _compute(teacher: torch.nn.Module, taps: tuple[str, ...], split: Split) -> d
     finally:
         tapper.remove()
     return {tap: torch.cat(values).contiguous() for tap, values in chunks.items()}
+
+
+TEACHER_FORMAT = 3  # bump when teacher training code changes what it produces (2: seeded initial weights; 3: fused AdamW)
+
+
+def teacher_key(track: str, data: TrackData, teacher: str, cfg: TrainConfig | None, seed: int,
+                weights: Path | None = None) -> str:
+    return sha256_of(
+        {"track": track, "data": data.description, "teacher": teacher, "train": cfg and cfg.model_dump(mode="json"),
+         "seed": seed, "format": TEACHER_FORMAT} | ({"pretrained": weights_digest(weights)} if weights else {})
+    )
+
+
+def load_or_train_teacher(track: str, data: TrackData, name: str, cfg: TrainConfig | None, seed: int,
+                          device: torch.device | str = "cpu", data_root: Path | None = None) -> tuple[nn.Module, str]:
+    """The teacher for (track, teacher config), trained once and cached as safetensors; (model, key).
+
+    A teacher with pretrained weights starts from them (``data_root/pretrained/...``); with ``cfg`` None it is
+    used as it is, without training.
+    """
+    weights = pretrained_path(name, data_root)
+    key = teacher_key(track, data, name, cfg, seed, weights)
+    torch.manual_seed(seed)  # the initial weights, too, come from the teacher's own seed
+    model = create_model(name, data.num_classes, data.in_shape, data_root).to(device)
+    if cfg is None:
+        if weights is None:
+            raise KdbenchError(f"teacher {name} has no pretrained weights: give the suite's track a teacher_train")
+        return model.eval(), key
+    path = kdbench_home() / "teachers" / f"{track}-{name}-{key[:16]}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if not path.exists():
+            print(f"training teacher {name} on {track} ({cfg.epochs} epochs; cached at {path})", file=sys.stderr)
+            start = time.perf_counter()
+            fit(model, SupervisedOnly(MethodConfig(), {}, {}), None, data, cfg, seed)
+            tmp = path.with_suffix(".tmp")
+            save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+            os.replace(tmp, path)
+            print(f"teacher trained in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+        try:
+            model.load_state_dict(load_file(str(path), device=str(device)))
+        except Exception as exc:  # noqa: BLE001 - a damaged or foreign file is refused, never unpickled
+            raise KdbenchError(f"teacher checkpoint {path} is not a safetensors weights file for {name} "
+                               f"({type(exc).__name__}); delete it and the teacher is retrained") from None
+    return model.eval(), key

@@ -3,7 +3,7 @@ from safetensors.torch import load_file
 
 from kdbench.config import TrainConfig
 from kdbench.tracks import load_track
-from kdbench.train import load_or_train_teacher
+from kdbench.teachers import load_or_train_teacher
 
 CFG = TrainConfig(epochs=1, batch_size=400, lr=0.01)
 
@@ -30,7 +30,7 @@ def test_teacher_key_depends_on_config_seed_and_data():
     schedule, the seed, the architecture and the data (a cross-validation fold); the same inputs, the same key."""
     from dataclasses import replace
 
-    from kdbench.train import teacher_key
+    from kdbench.teachers import teacher_key
 
     data = load_track("mnist1d")
     base = teacher_key("mnist1d", data, "cnn1d_w4", CFG, 0)
