@@ -27,7 +27,7 @@ from kdbench.runner import Context, _build_methods, deterministic, track_data
 from kdbench.suite import expand, load_suite
 from kdbench.teachers import cached_teacher_outputs, load_or_train_teacher
 from kdbench.tracks import Split, TrackData
-from kdbench.tracks.sst2 import MAX_LENGTH, PRETRAINED
+from kdbench.models.bert import MAX_LENGTH, PRETRAINED
 from kdbench.train import fit, make_optimizer, make_scheduler
 
 ROUNDS = 5

@@ -16,7 +16,7 @@ from kdbench.method import METHODS, validate_config
 from kdbench.models import create_model
 from kdbench.suite import load_suite
 from kdbench.tracks import load_track
-from kdbench.tracks.sst2 import MAX_LENGTH
+from kdbench.models.bert import MAX_LENGTH
 
 POSITIVE = [
     'a "charming" and often affecting journey .',

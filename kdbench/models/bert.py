@@ -43,8 +43,14 @@ from torch import nn
 
 from kdbench.errors import KdbenchError
 from kdbench.models import register_model
-from kdbench.tracks.sst2 import MAX_LENGTH, PRETRAINED, PRETRAINED_HOW_TO_GET
 
+MAX_LENGTH = 128  # tokens per input, truncated and padded (the BERT paper's GLUE setting); the sst2 track's too
+PRETRAINED = "bert-base-uncased"  # the folder under DATA_ROOT/pretrained/ with the models and their tokenizer
+PRETRAINED_HOW_TO_GET = (
+    "save it once on a machine with network: python -c \"import transformers as t; "
+    "d='DATA_ROOT/pretrained/bert-base-uncased'; t.AutoTokenizer.from_pretrained('bert-base-uncased')"
+    ".save_pretrained(d); t.BertModel.from_pretrained('bert-base-uncased').save_pretrained(d)\""
+)
 ATTENTION = "kdbench_eager_with_probs"  # registered with transformers' AttentionInterface on first use
 
 

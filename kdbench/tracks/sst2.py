@@ -27,22 +27,16 @@ import torch
 from sklearn.model_selection import train_test_split
 
 from kdbench.errors import KdbenchError
+from kdbench.models.bert import MAX_LENGTH, PRETRAINED, PRETRAINED_HOW_TO_GET
 from kdbench.paths import kdbench_home
 from kdbench.tracks import VAL_SEED, Split, TrackData, missing_data, register_track, require_data_root
 
-MAX_LENGTH = 128
 VAL_FRACTION = 0.1
 EVAL_BATCH = 256
 FILES = {"train": "train.tsv", "test": "dev.tsv"}  # GLUE file of each split we read (test := GLUE dev)
 HUB_DATASET, HUB_CONFIG = "nyu-mll/glue", "sst2"
 HOW_TO_GET = ("download GLUE SST-2 (https://dl.fbaipublicfiles.com/glue/data/SST-2.zip) and unzip it into "
               "DATA_ROOT, or pass --download to fetch nyu-mll/glue sst2 from the Hugging Face hub")
-PRETRAINED = "bert-base-uncased"  # the folder under DATA_ROOT/pretrained/ with the models and their tokenizer
-PRETRAINED_HOW_TO_GET = (
-    "save it once on a machine with network: python -c \"import transformers as t; "
-    "d='DATA_ROOT/pretrained/bert-base-uncased'; t.AutoTokenizer.from_pretrained('bert-base-uncased')"
-    ".save_pretrained(d); t.BertModel.from_pretrained('bert-base-uncased').save_pretrained(d)\""
-)
 TOKENIZER_FILES = ("tokenizer", "vocab", "special_tokens_map", "added_tokens")  # name prefixes in that folder
 
 
