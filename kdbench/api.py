@@ -23,12 +23,12 @@ import pydantic
 import torch
 from torch import nn
 
-from kdbench.config import MeasureConfig, TrainConfig, sha256_of
+from kdbench.config import MeasureConfig, TrainConfig
 from kdbench.errors import KdbenchError
 from kdbench.features import probe_shapes
 from kdbench.measure import cost_metrics, predict, top1
 from kdbench.method import METHODS, format_validation_error, validate_config
-from kdbench.records import Record, environment, git_state, now_iso
+from kdbench.records import Record, new_record
 from kdbench.runner import deterministic, run_metrics
 from kdbench.tracking import log_run
 from kdbench.tracks import TrackData
@@ -268,13 +268,8 @@ def _borrowed(teacher: nn.Module, device: str):
 def _record(config: dict, seed: int, device: str, m: MeasureConfig, status: str, metrics: dict | None,
             history: list[dict], error: str | None = None) -> dict:
     """A run record shaped like a benchmark run's (``kdbench.records.Record``), for the MLflow mirror."""
-    commit, dirty = git_state()
-    record = {
-        "schema_version": 1, "suite": "api", "track": "custom", "teacher": config["teacher"],
-        "student": config["student"], "method": config["method"], "method_version": config["method_version"],
-        "seed": seed, "status": status, "error": error, "config": config, "config_sha256": sha256_of(config),
-        "git_commit": commit, "git_dirty": dirty, "created_at": now_iso(), "env": environment(m.threads, device),
-        "metrics": metrics, "history": history,
-    }
+    record = new_record("api", "custom", config["teacher"], config["student"], config["method"],
+                        config["method_version"], seed, config, m.threads, device, status=status, error=error,
+                        metrics=metrics, history=history)
     Record.model_validate(record)
     return record

@@ -17,7 +17,7 @@ from typing import Literal
 import pydantic
 import torch
 
-from kdbench.config import RunSpec
+from kdbench.config import RunSpec, sha256_of
 from kdbench.errors import KdbenchError
 from kdbench.method import format_validation_error
 
@@ -118,6 +118,19 @@ def git_state(root: Path | None = None) -> tuple[str | None, bool | None]:
         return commit, dirty
     except (OSError, subprocess.CalledProcessError):
         return None, None
+
+
+def new_record(suite: str, track: str, teacher: str, student: str, method: str, method_version: int, seed: int,
+               config: dict, threads: int, device: str, **fields) -> dict:
+    """The start of a run record, as benchmark runs and the Python API both make it: what ran, its config and
+    hash, the commit and whether the tree had uncommitted changes, when and where; ``fields`` add the rest."""
+    commit, dirty = git_state()
+    return {
+        "schema_version": SCHEMA_VERSION, "suite": suite, "track": track, "teacher": teacher, "student": student,
+        "method": method, "method_version": method_version, "seed": seed, "config": config,
+        "config_sha256": sha256_of(config), "git_commit": commit, "git_dirty": dirty, "created_at": now_iso(),
+        "env": environment(threads, device),
+    } | fields
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kdbench.config import MeasureConfig, RunSpec, sha256_of
+from kdbench.config import MeasureConfig, RunSpec
 from kdbench.distributed import Ranks, barrier, is_main
 from kdbench.errors import KdbenchError
 from kdbench.features import MASK, probe
@@ -26,15 +26,7 @@ from kdbench.models import (
     weights_digest,
 )
 from kdbench.predictions import split_predictions
-from kdbench.records import (
-    SCHEMA_VERSION,
-    environment,
-    git_state,
-    load_record,
-    now_iso,
-    record_path,
-    write_record,
-)
+from kdbench.records import load_record, new_record, record_path, write_record
 from kdbench.teachers import cached_teacher_outputs, load_or_train_teacher
 from kdbench.tracking import log_run
 from kdbench.tracks import TrackData, load_track
@@ -92,25 +84,9 @@ def train_and_measure(spec: RunSpec, ctx: Context = Context(), log=None) -> dict
     student = create_model(spec.student, data.num_classes, data.in_shape, ctx.data_root).to(ctx.device)
     (method,) = _build_methods([spec], data, student, teacher)
     method.to(ctx.device)
-    commit, dirty = git_state()
-    record = {
-        "schema_version": SCHEMA_VERSION,
-        "suite": spec.suite,
-        "track": spec.track,
-        "teacher": spec.teacher,
-        "student": spec.student,
-        "method": spec.method,
-        "method_version": spec.method_version,
-        "seed": spec.seed,
-        "suite_seeds": list(spec.suite_seeds),
-        "config": config,
-        "config_sha256": sha256_of(config),
-        "teacher_sha256": teacher_key,
-        "git_commit": commit,
-        "git_dirty": dirty,
-        "created_at": now_iso(),
-        "env": environment(spec.measure.threads, ctx.device),
-    } | ({"ddp_backend": ctx.ranks.backend} if ctx.ranks else {})
+    record = new_record(spec.suite, spec.track, spec.teacher, spec.student, spec.method, spec.method_version,
+                        spec.seed, config, spec.measure.threads, ctx.device, suite_seeds=list(spec.suite_seeds),
+                        teacher_sha256=teacher_key, **({"ddp_backend": ctx.ranks.backend} if ctx.ranks else {}))
     teacher_outputs, record["teacher_outputs"] = (
         cached_teacher_outputs(teacher, method.taps(method.config)[1], data.train, teacher_key)
         if method.needs_teacher else (None, {"cached": False, "reason": "the method uses no teacher"}))

@@ -51,7 +51,7 @@ def finished_run(tmp_path_factory, session_home):
     mp = pytest.MonkeyPatch()
     mp.setenv("KDBENCH_HOME", str(session_home))
     mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-    for module in ("kdbench.runner", "kdbench.timing"):  # as if made from a clean checkout (tests/test_git_state.py)
+    for module in ("kdbench.records", "kdbench.timing"):  # as if made from a clean checkout (tests/test_git_state.py)
         mp.setattr(f"{module}.git_state", lambda: (CLEAN_COMMIT, False))
     assert main(["run", "--suite", str(suite), "--results-dir", str(root / "results")]) == 0
     mp.undo()
