@@ -1,4 +1,4 @@
-"""The ``kdbench`` command (DESIGN.md §6)."""
+"""The ``kdbench`` command (docs/architecture.md: the data flow)."""
 
 from __future__ import annotations
 

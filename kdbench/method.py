@@ -1,4 +1,5 @@
-"""The method interface (DESIGN.md §3), its registry, and discovery of the files in ``methods/``.
+"""The method interface (docs/architecture.md: the method contract), its registry, and discovery of the files
+in ``methods/``.
 
 A method is a small ``nn.Module`` holding only its *own* extra trainable modules (a regressor, a
 discriminator, auxiliary heads). Student and teacher are not its submodules, so ``method.parameters()``

@@ -1,4 +1,4 @@
-"""Run records (DESIGN.md §5): one JSON file per run under ``results/``, written atomically.
+"""Run records: one JSON file per run under ``results/``, written atomically.
 
 The records are the source of truth; the leaderboard is built from them alone.
 """
