@@ -161,6 +161,9 @@ def load_record(path: Path) -> Record:
         raise KdbenchError(f"record {path} does not exist") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise KdbenchError(f"record {path} is not valid JSON ({exc}); restore it from git or re-run it with --force") from None
+    if not isinstance(raw, dict) or not {"schema_version", "config_sha256", "metrics"} & raw.keys():
+        raise KdbenchError(f"{path} is not a kdbench run record (it has none of schema_version, config_sha256, "
+                           "metrics); give the path of a results/…/seedN.json file")
     try:
         return Record.model_validate(raw)
     except pydantic.ValidationError as exc:

@@ -157,3 +157,13 @@ def test_published_numbers_sit_beside_ours(finished_run, tmp_path):
     published.write_text(published.read_text().replace("source: paper", "source: nowhere"))
     with pytest.raises(KdbenchError, match="source 'nowhere' is used but not listed"):
         render(finished_run / "results", published)
+
+
+@pytest.mark.parametrize("content", ['{"name": "x", "version": 3}', "[1, 2]"])
+def test_verify_a_json_file_that_is_not_a_record(tmp_path, capsys, content):
+    path = tmp_path / "package.json"
+    path.write_text(content)
+    assert main(["verify", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"kdbench: error: {path} is not a kdbench run record (it has none of schema_version, " \
+                  "config_sha256, metrics); give the path of a results/…/seedN.json file"
