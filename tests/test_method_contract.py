@@ -20,8 +20,9 @@ GOLDEN = Path(__file__).parent / "golden" / "method_losses.json"
 TEACHER, STUDENT = "cnn1d_w8", "cnn1d_w4"
 
 
-def one_step(name: str, seed: int = 0):
-    """Fixed tensors, fixed init: build the method and compute one student step's loss terms."""
+def one_step(name: str, seed: int = 0, progress: float = 0.5):
+    """Fixed tensors, fixed init: build the method and compute one student step's loss terms, by default half-way
+    through training (past any warm-up: a method whose terms ramp up from 0 would pin nothing at the start)."""
     torch.manual_seed(seed)
     teacher, student = create_model(TEACHER), create_model(STUDENT)
     x, y = torch.randn(8, 1, 40), torch.arange(8) % 10
@@ -32,7 +33,7 @@ def one_step(name: str, seed: int = 0):
     teacher.eval().requires_grad_(False)
     s_out = FeatureTaps(student, s_taps)(x)
     t_out = FeatureTaps(teacher, t_taps)(x) if cls.needs_teacher else None
-    terms = method.loss(s_out, t_out, y, 0.0)
+    terms = method.loss(s_out, t_out, y, progress)
     return teacher, student, method, s_out, t_out, y, terms
 
 
