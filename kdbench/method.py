@@ -124,6 +124,13 @@ def register_method(name: str):
     """Class decorator: registers a Method subclass under ``name`` (which must equal its file name)."""
 
     def add(cls: type[Method]) -> type[Method]:
+        if not (isinstance(cls, type) and issubclass(cls, Method)):
+            raise KdbenchError(f"@register_method({name!r}) decorates {getattr(cls, '__name__', cls)!r}, which is not "
+                               "a subclass of kdbench.method.Method")
+        if not (isinstance(cls.Config, type) and issubclass(cls.Config, MethodConfig)):
+            raise KdbenchError(f"method {name!r}: its Config must subclass kdbench.method.MethodConfig")
+        if cls.loss is Method.loss:
+            raise KdbenchError(f"method {name!r} defines no loss(student, teacher, target, progress)")
         stem = cls.__module__.removeprefix(_MODULE_PREFIX)
         if cls.__module__.startswith(_MODULE_PREFIX) and stem != name:
             raise KdbenchError(f"method {name!r} is defined in {stem}.py; a method's file must be named {name}.py")

@@ -49,3 +49,16 @@ def test_method_name_must_match_file_name(tmp_path):
     )
     with pytest.raises(KdbenchError, match="must be named other_name.py"):
         _load_method_file(path)
+
+
+@pytest.mark.parametrize("body, message", [
+    ("class M:\n    '''x'''\n", "which is not a subclass of kdbench.method.Method"),
+    ("class M(Method):\n    '''x'''\n    Config = dict\n    def loss(self, s, t, y, p):\n        return {}\n",
+     "its Config must subclass kdbench.method.MethodConfig"),
+    ("class M(Method):\n    '''x'''\n", "defines no loss(student, teacher, target, progress)"),
+])
+def test_registry_refuses_what_is_not_a_method(body, message):
+    from kdbench.method import Method, register_method
+
+    with pytest.raises(KdbenchError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        exec("@register_method('not_a_method')\n" + body, {"Method": Method, "register_method": register_method})
