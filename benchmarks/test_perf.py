@@ -19,8 +19,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdbench.features import FeatureTaps
-from kdbench.measure import forward_times, predict, top1
+from kdbench.taps import FeatureTaps
+from kdbench.metrics import forward_times, predict, top1
 from kdbench.method import METHODS
 from kdbench.models import create_model
 from kdbench.runner import Context, _build_methods, deterministic, track_data

@@ -3,9 +3,6 @@
 The Python API (``kdbench.api``) is imported on first use, so that the command line starts without torch.
 """
 
-import sys
-import types
-
 __version__ = "0.1.0"
 __all__ = ["DistillReport", "distill", "evaluate", "measure"]
 
@@ -16,15 +13,3 @@ def __getattr__(name: str):
 
         return getattr(api, name)
     raise AttributeError(f"module 'kdbench' has no attribute {name!r}")
-
-
-class _Package(types.ModuleType):
-    """``kdbench.measure`` stays the API function: importing the submodule ``kdbench.measure`` does not bind it
-    over the function (``from kdbench.measure import …`` reads sys.modules and is unaffected)."""
-
-    def __setattr__(self, name: str, value) -> None:
-        if name != "measure":
-            super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

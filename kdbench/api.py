@@ -25,8 +25,8 @@ from torch import nn
 
 from kdbench.config import MeasureConfig, TrainConfig
 from kdbench.errors import KdbenchError
-from kdbench.features import probe_shapes
-from kdbench.measure import cost_metrics, predict, top1
+from kdbench.taps import probe_shapes
+from kdbench.metrics import cost_metrics, predict, top1
 from kdbench.method import METHODS, format_validation_error, validate_config
 from kdbench.records import Record, new_record
 from kdbench.runner import deterministic, run_metrics

@@ -2,7 +2,7 @@
 Ray tasks on a cluster.
 
 Local workers are separate processes (spawned, so each has its own torch thread pool); each trains with the
-thread count its config fixes, and timed measurements take the machine exclusively (kdbench.machine), so
+thread count its config fixes, and timed measurements take the machine exclusively (kdbench.timing_lock), so
 records are the same as a sequential run's apart from timings. On Ray each run is one task holding the CPUs
 its training threads need (and one GPU on a GPU device); it logs to the MLflow store the driver names and
 returns its record, which the driver writes under the results folder.
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from kdbench.config import RunSpec
 from kdbench.errors import KdbenchError
-from kdbench.machine import usable_cpus
+from kdbench.timing_lock import usable_cpus
 from kdbench.records import record_path, write_record
 from kdbench.runner import Context, run_one, train_and_measure
 from kdbench.tracking import log_run, tracking_uri

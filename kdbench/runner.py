@@ -14,9 +14,9 @@ from torch import nn
 from kdbench.config import MeasureConfig, RunSpec
 from kdbench.distributed import Ranks, barrier, is_main
 from kdbench.errors import KdbenchError
-from kdbench.features import MASK, probe
-from kdbench.machine import exclusive_use
-from kdbench.measure import cost_metrics, flops_per_sample, predict, top1
+from kdbench.taps import MASK, probe
+from kdbench.timing_lock import exclusive_use
+from kdbench.metrics import cost_metrics, flops_per_sample, predict, top1
 from kdbench.method import METHODS
 from kdbench.models import (
     count_params,
@@ -146,7 +146,7 @@ def _build_methods(specs: list[RunSpec], data: TrackData, student, teacher, dry_
     teacher_out = probe(teacher, {tap for *_, taps in built for tap in taps}, sample)
     target = data.train.y[:2].to(student_out["logits"].device)
 
-    def own(outputs: dict, taps) -> dict:  # the method's taps, and the padding mask of token models (kdbench.features)
+    def own(outputs: dict, taps) -> dict:  # the method's taps, and the padding mask of token models (kdbench.taps)
         return {t: outputs[t] for t in (*taps, MASK) if t in outputs}
 
     def shapes(outputs: dict) -> dict:

@@ -26,7 +26,7 @@ from torch import nn
 
 from kdbench.config import TrainConfig, sha256_of
 from kdbench.errors import KdbenchError
-from kdbench.features import FeatureTaps
+from kdbench.taps import FeatureTaps
 from kdbench.method import MethodConfig, SupervisedOnly
 from kdbench.models import create_model, pretrained_path, weights_digest
 from kdbench.paths import kdbench_home

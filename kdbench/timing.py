@@ -1,7 +1,7 @@
 """Latency and throughput timed once per student architecture, side by side with its teacher.
 
 All students of a track's teacher (the three sizes of a CPU track) are timed in one round robin with the
-teacher (``kdbench.measure.forward_times``), so a machine's drift slows them alike and identical students never
+teacher (``kdbench.metrics.forward_times``), so a machine's drift slows them alike and identical students never
 show different speeds. Every run of a pair shares its one timing, written beside the pair's records as
 ``timing.json``; the leaderboard reads it. Weights do not change the cost of these dense models, so the
 models are timed at their initial (seeded, or pretrained where a model starts from pretrained) weights.
@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from kdbench.config import RunSpec
-from kdbench.machine import exclusive_use
-from kdbench.measure import cost_metrics
+from kdbench.timing_lock import exclusive_use
+from kdbench.metrics import cost_metrics
 from kdbench.models import create_model
 from kdbench.records import environment, git_state, now_iso, write_atomic
 

@@ -19,9 +19,9 @@ from torch import nn
 from kdbench.config import TrainConfig
 from kdbench.distributed import Ranks, data_parallel, is_main, mean_over_ranks, per_rank_batch, shard
 from kdbench.errors import KdbenchError
-from kdbench.features import FeatureTaps
-from kdbench.machine import training_share
-from kdbench.measure import predict, top1
+from kdbench.taps import FeatureTaps
+from kdbench.timing_lock import training_share
+from kdbench.metrics import predict, top1
 from kdbench.method import Method
 from kdbench.models import model_device
 from kdbench.tracks import TrackData

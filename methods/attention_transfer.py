@@ -31,7 +31,7 @@ Deviations:
 - Pooling for mismatched sizes is RepDistiller's addition (square (t_H, t_H) there; per-dimension here).
 - The default stage list is fixed, not "all stages": on a 4-stage model it takes the last three, on a
   2-stage model it fails with the usual unknown-stage error (set ``stages``).
-- Transformer hidden states (L, H) (taps with a ``mask``, kdbench.features): the channels are the hidden units,
+- Transformer hidden states (L, H) (taps with a ``mask``, kdbench.taps): the channels are the hidden units,
   the positions the tokens: Q = normalize_L2(mean_h |A_h|^p over the real tokens, 0 at padding), and the mean of
   squares runs over real tokens only. Stages pair by the same index on both models (``-1``: the last layers).
 
@@ -66,7 +66,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_serializer, model_validator
 
 from kdbench.errors import KdbenchError
-from kdbench.features import MASK, is_token_sequence, real_token_mean
+from kdbench.taps import MASK, is_token_sequence, real_token_mean
 from kdbench.method import Method, MethodConfig, register_method
 
 ATTENTION_DEFAULTS = {"stages": (-1,), "beta": 1.0}  # maps: attention (MiniLM: last layer, weight 1)

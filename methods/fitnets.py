@@ -16,7 +16,7 @@ feature to the teacher's shape:
   differ] → 1×1 Conv1d/Conv2d (with bias) → BatchNorm → ReLU. For equal sizes this is RepDistiller's
   ``ConvReg`` exactly (its kernel is 1 + s_H − t_H = 1);
 - vectors (C,): Linear → ReLU, as RepDistiller's ``Regress``;
-- transformer hidden states (L, H) (taps with a ``mask``, kdbench.features): Linear H_s → H_t per token
+- transformer hidden states (L, H) (taps with a ``mask``, kdbench.taps): Linear H_s → H_t per token
   (→ ReLU), TinyBERT's W_h (Jiao et al., Findings of EMNLP 2020, §3.1, hidden-states loss MSE(H^S W_h, H^T));
   the MSE is the mean over real tokens and hidden units only, padding left out.
 
@@ -61,7 +61,7 @@ from pydantic import Field
 from torch import nn
 
 from kdbench.errors import KdbenchError
-from kdbench.features import MASK, is_token_sequence, real_token_mean
+from kdbench.taps import MASK, is_token_sequence, real_token_mean
 from kdbench.losses import kd_loss
 from kdbench.method import Method, MethodConfig, register_method
 

@@ -43,7 +43,7 @@ Deviations:
   nothing for the non-negative (post-ReLU) features compared here but would for signed features.
 - F_C pools the last stage's output; the reference pools the input of its classifier (the same for a ResNet,
   while cnn1d's classifier reads the flattened, unpooled map). Head convolutions have no bias (BN follows).
-- Transformer hidden states (L, H) (taps with a ``mask``, kdbench.features): the head is applied per token,
+- Transformer hidden states (L, H) (taps with a ``mask``, kdbench.taps): the head is applied per token,
   Linear(H_i, m) → GELU → Linear(m, H_deep) with m = max(1, H_deep // 4) (the bottleneck's widths, with the
   transformer's own activation, no batch norm, and no final ReLU since hidden states are signed), and GAP
   becomes the mean over the real tokens (padding left out); F_C is that mean of the last layer's hidden states
@@ -58,7 +58,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from kdbench.errors import KdbenchError
-from kdbench.features import MASK, is_token_sequence, token_mean
+from kdbench.taps import MASK, is_token_sequence, token_mean
 from kdbench.losses import kd_loss
 from kdbench.method import Method, MethodConfig, register_method
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kdbench.errors import KdbenchError
-from kdbench.features import probe_shapes
+from kdbench.taps import probe_shapes
 from kdbench.method import METHODS, validate_config
 from kdbench.models import create_model
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kdbench.features import FeatureTaps, probe_shapes
+from kdbench.taps import FeatureTaps, probe_shapes
 from kdbench.models import MODELS, count_params, create_model
 
 # Exact parameter counts at 100 classes, as RepDistiller's models/{resnet,wrn,vgg}.py give them (checked against

@@ -15,7 +15,7 @@ from torch import nn
 
 from kdbench.config import TrainConfig
 from kdbench.distributed import Ranks
-from kdbench.features import FeatureTaps, probe_shapes
+from kdbench.taps import FeatureTaps, probe_shapes
 from kdbench.method import METHODS
 from kdbench.teachers import TeacherOutputs
 from kdbench.tracks import Split, TrackData

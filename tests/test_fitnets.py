@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kdbench.errors import KdbenchError
-from kdbench.features import FeatureTaps, probe_shapes
+from kdbench.taps import FeatureTaps, probe_shapes
 from kdbench.losses import kd_loss
 from kdbench.method import METHODS, validate_config
 from kdbench.models import create_model

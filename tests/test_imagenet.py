@@ -125,7 +125,7 @@ def test_eval_batches_in_order_and_deterministic(data_root):
 @pytest.mark.parametrize(("name", "params"), [("resnet34", 21_797_672), ("resnet18", 11_689_512)])
 def test_parameter_counts_and_stages(name, params):
     """torchvision's counts at 1000 classes (torchvision's published parameter counts); stages are layer1..layer4."""
-    from kdbench.features import probe_shapes
+    from kdbench.taps import probe_shapes
 
     model = create_model(name, random_init=True)
     assert count_params(model) == params

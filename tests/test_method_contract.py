@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdbench.features import FeatureTaps, probe_shapes
+from kdbench.taps import FeatureTaps, probe_shapes
 from kdbench.method import METHODS
 from kdbench.models import count_params, create_model
 

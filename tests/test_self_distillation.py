@@ -7,7 +7,7 @@ import torch
 
 from kdbench.config import TrainConfig
 from kdbench.errors import KdbenchError
-from kdbench.features import probe_shapes
+from kdbench.taps import probe_shapes
 from kdbench.method import METHODS, validate_config
 from kdbench.models import create_model
 from kdbench.tracks import Split, TrackData

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kdbench.cli import main
-from kdbench.features import MASK, FeatureTaps, probe_shapes
+from kdbench.taps import MASK, FeatureTaps, probe_shapes
 from kdbench.method import METHODS, validate_config
 from kdbench.models import create_model
 from kdbench.suite import load_suite

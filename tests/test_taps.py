@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from kdbench.errors import KdbenchError
-from kdbench.features import FeatureTaps, probe_shapes
+from kdbench.taps import FeatureTaps, probe_shapes
 from kdbench.models import create_model
 
 

@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from kdbench.measure import (
+from kdbench.metrics import (
     MIN_ROUNDS,
     cost_metrics,
     flops_per_sample,
@@ -65,7 +65,7 @@ def test_top1():
 
 
 def test_digits_splits_and_2d_models():
-    from kdbench.features import probe_shapes
+    from kdbench.taps import probe_shapes
     from kdbench.models import create_model
 
     data = load_track("digits")
