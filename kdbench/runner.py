@@ -174,8 +174,8 @@ def _dry_loss(spec: RunSpec, method, student_out: dict, teacher_out: dict, targe
 def deterministic(device: str) -> None:
     """Deterministic kernels: bit-exact on CPU; on CUDA cuBLAS needs a fixed workspace, and ops without a
     deterministic kernel warn instead of failing. Deterministic mode also fills every new tensor with NaN, a
-    guard against reading uninitialised memory that no kernel here does; it is switched off (it was 4 % of a
-    training step's CPU time on the MNIST-1D pair, the profile shows)."""
+    guard against reading uninitialised memory that no kernel here does; it is switched off, with identical
+    results (its cost on the CPU tier is in README, "Performance")."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=torch.device(device).type != "cpu")
     torch.utils.deterministic.fill_uninitialized_memory = False
