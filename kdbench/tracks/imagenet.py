@@ -19,9 +19,9 @@ evaluation ``Resize(256)`` + ``CenterCrop(224)`` + ``ToTensor()`` + ``Normalize(
 ImageNet mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225).
 
 Loading: images are decoded by a torch ``DataLoader`` with ``num_workers`` worker processes: every CPU this
-process may use but one, at most 32 (``KDBENCH_NUM_WORKERS`` overrides it). JPEG decoding, not the training step, bounds
-the speed (README, "Full tier", has the measured rates). Shuffling and augmentation are drawn from the trainer's generator only:
-each epoch draws a permutation and one seed per sample, and the random transforms of a sample run under its
+process may use but one, at most 32 (``KDBENCH_NUM_WORKERS`` overrides it). JPEG decoding, not the training
+step, bounds the speed (README, "Full tier", has the measured rates). Shuffling and augmentation are drawn from
+the trainer's generator only: each epoch draws a permutation and one seed per sample, and the random transforms of a sample run under its
 own seed. The same generator state therefore gives the same batches, bit for bit, whatever the number of
 workers, and the global torch RNG is never touched (a run resumes from its checkpointed generator).
 """
