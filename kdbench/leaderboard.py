@@ -137,13 +137,14 @@ def _pair_table(group: pd.DataFrame, timing: dict | None, published: dict[str, t
     teacher_top1 = finished["m_teacher_top1"].mean()
     resampler = _resampler(finished)
     order = _order(group)
-    base = finished[finished["method"] == "baseline"]
-    base_outcomes = outcomes(_records(base)) if resampler and not base.empty else None
-    stats, problems, traces, points = {}, [], [], []
+    decoded = {}  # each method's per-sample outcomes, decoded once
     for method in order:
-        done = finished[finished["method"] == method]
-        if method != "baseline" and base_outcomes and not done.empty and _records(done):
-            stats[method] = resampler.difference(outcomes(_records(done)), base_outcomes)
+        records = _records(finished[finished["method"] == method])
+        if resampler and records:
+            decoded[method] = outcomes(records)
+    stats, problems, traces, points = {}, [], [], []
+    if "baseline" in decoded:
+        stats = {m: resampler.difference(o, decoded["baseline"]) for m, o in decoded.items() if m != "baseline"}
     rejected = dict(zip(stats, holm([d.p_value for d in stats.values()])))
     rows = [{"method": f"teacher ({teacher_name})", "n": "", "failed": "", "test top-1 [95 % CI]": f"{teacher_top1:.2f}",
              "Δ vs baseline [95 % CI]": "", "p": "", "verdict": "", "retained": "100.0 %", "agreement": "",
@@ -162,8 +163,8 @@ def _pair_table(group: pd.DataFrame, timing: dict | None, published: dict[str, t
             problems.append(f"{path} was made from a tree with uncommitted changes (or outside git): "
                             "commit, then re-run it with `kdbench run --force`")
         acc = "—"
-        if not done.empty and resampler and _records(done):
-            mean, low, high = resampler.accuracy(outcomes(_records(done)))
+        if method in decoded:
+            mean, low, high = resampler.accuracy(decoded[method])
             acc = _interval(mean, low, high)
             points.append({"method": method, "acc": mean, "low": low, "high": high})
         elif not done.empty:
@@ -282,9 +283,9 @@ def build(results_dir: Path, published_file: Path = PUBLISHED) -> Board:
         for (teacher, student), group in sorted(pairs, key=lambda item: (item[0][0], _student_size(item[1]))):
             key = (suite, track, teacher, student)
             timing = load_timing(timing_path(results_dir, *key))
-            table = _pair_table(group, timing, published.lookup(*key))
-            tables[(teacher, student)] = table
             beside = published.lookup(*key)
+            table = _pair_table(group, timing, beside)
+            tables[(teacher, student)] = table
             traces = [*table.traces, *(f"- published [{k}]: {published.sources[k]}"
                                        for k in sorted({source for _, source in beside.values()}))]
             parts += [f"### {teacher} → {student}", "", table.notes[0] if table.notes else "", "", table.markdown, "",
