@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdbench.runner import Context, preflight, run_one
+from kdbench.runner import Placement, preflight, run_one
 from kdbench.suite import expand, load_suite
 
 device = sys.argv[1] if len(sys.argv) > 1 else "cuda"
@@ -31,14 +31,14 @@ for name, n in (("train", n_train), ("test", n_test)):
     (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
 os.environ["KDBENCH_HOME"] = "/tmp/kd_home"
 summary = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "torch": torch.__version__}
-ctx = Context(root, device=device)
+place = Placement(root, device=device)
 
 smoke = expand(load_suite("cifar100-smoke"))[: int(os.environ.get("SMOKE_RUNS", "24"))]
-preflight(smoke, ctx)
+preflight(smoke, place)
 start = time.perf_counter()
 summary["smoke"] = []
 for spec in smoke:
-    rec = run_one(spec, out / "smoke", ctx, mirror=None)
+    rec = run_one(spec, out / "smoke", place, mirror=None)
     summary["smoke"].append([spec.label(), rec["status"], rec["env"]["gpu"], rec["metrics"] and rec["metrics"]["test_top1"]])
 summary["smoke_seconds"] = time.perf_counter() - start
 print("smoke done", summary["smoke_seconds"], flush=True)
@@ -50,7 +50,7 @@ for spec in epoch_runs:
     one = spec.train.model_copy(update={"epochs": 1})
     spec = dataclasses.replace(spec, suite="gpu-check", train=one, teacher_train=one)
     t0 = time.perf_counter()
-    rec = run_one(spec, out / "epoch", ctx, mirror=None)
+    rec = run_one(spec, out / "epoch", place, mirror=None)
     m = rec["metrics"] or {}
     row = {"run": spec.label(), "status": rec["status"], "wall_s": time.perf_counter() - t0,
            "train_seconds": m.get("train_seconds"), "latency_b1_ms": m.get("latency_b1_ms"),

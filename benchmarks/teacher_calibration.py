@@ -15,7 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kdbench.runner import Context, track_data
+from kdbench.runner import Placement, track_data
 from kdbench.suite import expand, load_suite
 from kdbench.teachers import load_or_train_teacher
 
@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="the run seed whose data (fold) the teacher trained on")
     args = parser.parse_args()
     spec = expand(load_suite(args.suite), methods=["vanilla_kd"], tracks=[args.track], seeds=(args.seed,))[0]
-    data = track_data(spec, Context()).for_seed(args.seed)
+    data = track_data(spec, Placement()).for_seed(args.seed)
     teacher, _ = load_or_train_teacher(spec.track, data, spec.teacher, spec.teacher_train, spec.teacher_seed)
     with torch.inference_mode():
         for name in ("train", "val"):

@@ -23,7 +23,7 @@ from kdbench.taps import FeatureTaps
 from kdbench.metrics import forward_times, predict, top1
 from kdbench.method import METHODS
 from kdbench.models import create_model
-from kdbench.runner import Context, _build_methods, deterministic, track_data
+from kdbench.runner import Placement, _build_methods, deterministic, track_data
 from kdbench.suite import expand, load_suite
 from kdbench.teachers import cached_teacher_outputs, load_or_train_teacher
 from kdbench.tracks import Split, TrackData
@@ -44,7 +44,7 @@ def setup():
     (spec,) = expand(load_suite("cpu"), methods=["vanilla_kd"], tracks=["mnist1d"], pairs=["cnn1d_w32:cnn1d_w8"],
                      seeds=(0,))
     deterministic("cpu")  # as every run
-    data = track_data(spec, Context())
+    data = track_data(spec, Placement())
     data = dataclasses.replace(data, train=dataclasses.replace(data.train, augment=None))
     teacher, key = load_or_train_teacher(spec.track, data, spec.teacher, spec.teacher_train, spec.teacher_seed)
     cfg = spec.train.model_copy(update={"epochs": 1})

@@ -21,7 +21,7 @@ from tabulate import tabulate
 
 from kdbench.executor import execute
 from kdbench.predictions import outcomes
-from kdbench.runner import Context
+from kdbench.runner import Placement
 from kdbench.stats import compare
 from kdbench.suite import expand, load_suite
 
@@ -65,7 +65,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{scratch}/mlflow.db"  # keep sweeps out of the real store
         done = {}
-        for spec, record in execute(specs, Path(scratch) / "results", Context(), args.workers):
+        for spec, record in execute(specs, Path(scratch) / "results", Placement(), args.workers):
             done[id(spec)] = record
             print(f"[{len(done)}/{len(specs)}] {spec.label()} {spec.method_config}: val top-1 "
                   f"{record['metrics']['val_top1']:.2f}", flush=True)

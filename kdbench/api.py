@@ -38,6 +38,17 @@ from kdbench.train import DivergedError, fit
 DEFAULT_BATCH = 64  # for (X, y) tensors, at most the training set; a DataLoader batches by itself
 
 
+# DistillReport's fields that come from a record's metrics, and their names there.
+_REPORT_FIELDS = {
+    "student_top1": "test_top1", "teacher_top1": "teacher_top1", "agreement": "agreement",
+    "student_params": "params", "teacher_params": "teacher_params", "extra_params": "extra_params",
+    "student_flops": "flops", "teacher_flops": "teacher_flops", "student_latency_ms": "latency_b1_ms",
+    "teacher_latency_ms": "teacher_latency_b1_ms", "student_throughput": "throughput_bN",
+    "teacher_throughput": "teacher_throughput_bN", "throughput_batch": "throughput_batch",
+    "train_seconds": "train_seconds",
+}
+
+
 @dataclass(frozen=True)
 class DistillReport:
     """What ``distill`` measured, on the test split when ``test_data`` was given, else on the validation split."""
@@ -62,15 +73,10 @@ class DistillReport:
     logged: bool  # whether the run reached MLflow
 
     @classmethod
-    def from_metrics(cls, method: str, split: str, m: dict, history: list[dict], logged: bool) -> DistillReport:
+    def from_metrics(cls, method: str, split: str, metrics: dict, history: list[dict], logged: bool) -> DistillReport:
         """From the metrics of a run record (``_metrics``)."""
-        return cls(method=method, split=split, student_top1=m["test_top1"], teacher_top1=m["teacher_top1"],
-                   agreement=m["agreement"], student_params=m["params"], teacher_params=m["teacher_params"],
-                   extra_params=m["extra_params"], student_flops=m["flops"], teacher_flops=m["teacher_flops"],
-                   student_latency_ms=m["latency_b1_ms"], teacher_latency_ms=m["teacher_latency_b1_ms"],
-                   student_throughput=m["throughput_bN"], teacher_throughput=m["teacher_throughput_bN"],
-                   throughput_batch=m["throughput_batch"], train_seconds=m["train_seconds"], history=history,
-                   logged=logged)
+        return cls(method=method, split=split, history=history, logged=logged,
+                   **{field: metrics[key] for field, key in _REPORT_FIELDS.items()})
 
     def summary(self) -> str:
         """One line: the student against its teacher, in accuracy, size and latency."""
@@ -265,11 +271,10 @@ def _borrowed(teacher: nn.Module, device: str):
             p.requires_grad_(flag)
 
 
-def _record(config: dict, seed: int, device: str, m: MeasureConfig, status: str, metrics: dict | None,
+def _record(config: dict, seed: int, device: str, measure: MeasureConfig, status: str, metrics: dict | None,
             history: list[dict], error: str | None = None) -> dict:
     """A run record shaped like a benchmark run's (``kdbench.records.Record``), for the MLflow mirror."""
-    record = new_record("api", "custom", config["teacher"], config["student"], config["method"],
-                        config["method_version"], seed, config, m.threads, device, status=status, error=error,
-                        metrics=metrics, history=history)
+    record = new_record("api", seed, config, measure.threads, device, status=status, error=error, metrics=metrics,
+                        history=history)
     Record.model_validate(record)
     return record

@@ -19,7 +19,7 @@ EXAMPLES = {  # shown under "examples:" in each command's --help
         "kdbench list models     # every model with its parameter count",
     ],
     "run": [
-        "kdbench run --suite cpu    # the CPU tier: every method, 3 students per track, 5 seeds (digits: 5×5 folds)",
+        "kdbench run --suite cpu    # the CPU tier: every method, 3 students per track, 15 seeds (digits: 5×5 folds)",
         "kdbench run --suite cpu --track mnist1d --method vanilla_kd --seeds 0 --results-dir /tmp/r",
         "kdbench run --suite cifar100 --data-root ~/data --pair resnet32x4:resnet8x4 --method fitnets --device cuda:0",
         "kdbench run --suite cifar100-smoke --data-root ~/data --download --device cpu    # one epoch, a few batches",
@@ -131,14 +131,14 @@ def _run(args) -> int:
     suite = load_suite(args.suite)
     seeds = parse_seeds(args.seeds) if args.seeds else None
     specs = expand(suite, _split_list(args.method), _split_list(args.track), _split_list(args.pair), seeds)
-    specs, ctx = _distributed(args, specs, _context(args, suite.tier))
-    preflight(specs, ctx)
+    specs, place = _distributed(args, specs, _context(args, suite.tier))
+    preflight(specs, place)
     results_dir = Path(args.results_dir)
     log = (lambda msg: print(msg, file=sys.stderr, flush=True))
     todo = [s for s in specs if args.force or not is_finished(results_dir, s)]
-    if not is_main(ctx.ranks):  # the other DDP processes train each run with the main one, which reports
+    if not is_main(place.ranks):  # the other DDP processes train each run with the main one, which reports
         for spec in todo:
-            run_one(spec, results_dir, ctx)
+            run_one(spec, results_dir, place)
         return 0
     outcome = {}
     for spec in specs:
@@ -147,18 +147,18 @@ def _run(args) -> int:
             outcome[spec.label()] = ("skipped", "")
     if args.executor == "ray":
         log(f"{len(todo)} run(s) to train as Ray tasks")
-        runs = execute_on_ray(todo, results_dir, ctx, args.address, log) if todo else iter(())
+        runs = execute_on_ray(todo, results_dir, place, args.address, log) if todo else iter(())
     else:
-        workers = auto_workers(todo, ctx) if args.workers == "auto" else _positive(args.workers, "--workers")
+        workers = auto_workers(todo, place) if args.workers == "auto" else _positive(args.workers, "--workers")
         log(f"{len(todo)} run(s) to train, {min(workers, len(todo))} at a time")
-        runs = execute(todo, results_dir, ctx, workers, log if args.verbose else None)
+        runs = execute(todo, results_dir, place, workers, log if args.verbose else None)
     started = time.perf_counter()
     for done, (spec, record) in enumerate(runs, 1):
         top1 = record["metrics"]["test_top1"] if record["metrics"] else None
         log(_progress_line(done, len(todo), spec, record, time.perf_counter() - started))
         outcome[spec.label()] = (record["status"], f"{top1:.2f}" if top1 is not None else record["error"])
-    time_architectures(specs, results_dir, lambda spec: track_data(spec, ctx), ctx.device, args.force, log,
-                       ctx.data_root)
+    time_architectures(specs, results_dir, lambda spec: track_data(spec, place), place.device, args.force, log,
+                       place.data_root)
     summary = [(s.label(), *outcome[s.label()]) for s in specs]
     print(tabulate(summary, headers=["run", "status", "test top-1 %"], tablefmt="simple", disable_numparse=True))
     print(f"{len(todo)} of {len(specs)} runs trained in {time.perf_counter() - started:.1f}s; records under {results_dir}")
@@ -190,16 +190,16 @@ def cmd_reproduce(args) -> int:
     suite = load_suite(args.suite)
     seeds = parse_seeds(args.seeds) if args.seeds else None
     specs = expand(suite, _split_list(args.method), _split_list(args.track), _split_list(args.pair), seeds)
-    ctx = _context(args, suite.tier)
-    workers = auto_workers(specs, ctx) if args.workers == "auto" else _positive(args.workers, "--workers")
+    place = _context(args, suite.tier)
+    workers = auto_workers(specs, place) if args.workers == "auto" else _positive(args.workers, "--workers")
     if args.scratch:
         check_scratch(Path(args.scratch))
     scratch = Path(args.scratch or tempfile.mkdtemp(prefix="kdbench-reproduce-")).resolve()
     log = (lambda msg: print(msg, file=sys.stderr, flush=True))
     try:
-        runs = reproduce(specs, Path(args.results_dir), scratch, ctx, workers, log if args.verbose else None)
+        runs = reproduce(specs, Path(args.results_dir), scratch, place, workers, log if args.verbose else None)
         with cold_home(scratch) as home:
-            preflight(specs, ctx)
+            preflight(specs, place)
             log(f"{len(specs)} run(s) to re-train into {scratch / 'results'}, {min(workers, len(specs))} at a time, "
                 f"teachers from a cold cache in {home}")
             outcomes, started = [], time.perf_counter()
@@ -220,23 +220,23 @@ def cmd_reproduce(args) -> int:
     return 0 if exact == len(outcomes) else 1
 
 
-def _distributed(args, specs, ctx):
+def _distributed(args, specs, place):
     """Under torchrun with several processes: every run trains with DDP on all of them, one run at a time, so
-    each global batch must split evenly; joins the process group (kdbench.distributed). Else (specs, ctx) as given."""
+    each global batch must split evenly; joins the process group (kdbench.distributed). Else (specs, place) as given."""
     from dataclasses import replace
 
     from kdbench.distributed import init, launched_world_size, per_rank_batch
 
     world_size = launched_world_size()
     if world_size == 1:
-        return specs, ctx
+        return specs, place
     if args.executor != "local" or args.workers not in ("auto", "1"):
         raise KdbenchError("under torchrun all processes train each run together, one run at a time: "
                            "drop --workers and --executor")
     for spec in specs:
         per_rank_batch(spec.train.batch_size, world_size)
-    ranks = init(ctx.device)
-    return [replace(s, world_size=world_size) for s in specs], replace(ctx, device=ranks.device, ranks=ranks)
+    ranks = init(place.device)
+    return [replace(s, world_size=world_size) for s in specs], replace(place, device=ranks.device, ranks=ranks)
 
 
 def _positive(text: str, flag: str) -> int:
@@ -250,7 +250,7 @@ def _context(args, tier: str):
     so CPU-tier results stay bit-exact on any machine. On Ray the cluster's GPUs count, not this machine's."""
     import torch
 
-    from kdbench.runner import Context
+    from kdbench.runner import Placement
 
     if args.data_root and not Path(args.data_root).is_dir():
         raise KdbenchError(f"--data-root {args.data_root} is not a folder")
@@ -259,7 +259,7 @@ def _context(args, tier: str):
         device = "cuda" if tier == "gpu" and torch.cuda.is_available() else "cpu"
     elif device.startswith("cuda") and not torch.cuda.is_available() and getattr(args, "executor", "") != "ray":
         raise KdbenchError(f"--device {device}: this machine has no CUDA GPU; use --device cpu")
-    return Context(Path(args.data_root) if args.data_root else None, getattr(args, "download", False), device)
+    return Placement(Path(args.data_root) if args.data_root else None, getattr(args, "download", False), device)
 
 
 def cmd_leaderboard(args) -> int:
@@ -279,11 +279,21 @@ def cmd_leaderboard(args) -> int:
     return 0 if wrong is None else 1
 
 
+def _in_checkout(folder: Path, option: str) -> Path:
+    """A repository folder to write into; an installed wheel has none, so the user names one."""
+    from kdbench.paths import CHECKOUT
+
+    if CHECKOUT is None:
+        raise KdbenchError(f"kdbench runs from an installed package, not a repository checkout, so it has no "
+                           f"methods/ folder to write into; pass {option} with a folder of your own")
+    return folder
+
+
 def cmd_new_method(args) -> int:
     from kdbench.method import DEFAULT_METHODS_DIR
     from kdbench.template import write_method_file
 
-    directory = Path(args.dir).resolve() if args.dir else DEFAULT_METHODS_DIR
+    directory = Path(args.dir).resolve() if args.dir else _in_checkout(DEFAULT_METHODS_DIR, "--dir")
     path = write_method_file(args.name, directory)
     n = args.name
     found = "" if directory == DEFAULT_METHODS_DIR else f"  0. export KDBENCH_METHODS_PATH={directory}\n"
@@ -302,7 +312,7 @@ def cmd_methods_page(args) -> int:
     from kdbench.method import DEFAULT_METHODS_DIR
     from kdbench.methods_page import write_or_check
 
-    output = Path(args.output) if args.output else DEFAULT_METHODS_DIR / "README.md"
+    output = Path(args.output) if args.output else _in_checkout(DEFAULT_METHODS_DIR, "--output") / "README.md"
     ok = write_or_check(output, args.check)
     if args.check:
         print(f"{output} is up to date" if ok else f"{output} is stale; run `kdbench methods-page`")
@@ -400,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add_selection(p, results_help: str) -> None:
         """The grid's selection and where its data and device are: shared by run and reproduce."""
-        p.add_argument("--suite", default="cpu", help="suite name (benchmarks/<name>.yaml) or a YAML path (default: cpu)")
+        p.add_argument("--suite", default="cpu", help="suite name (benchmarks/suites/<name>.yaml) or a YAML path (default: cpu)")
         p.add_argument("--method", action="append", help="only these methods (repeat or comma-separate)")
         p.add_argument("--track", action="append", help="only these tracks")
         p.add_argument("--pair", action="append", help="only these pairs, as teacher:student")

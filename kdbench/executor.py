@@ -20,7 +20,7 @@ from kdbench.config import RunSpec
 from kdbench.errors import KdbenchError
 from kdbench.timing_lock import usable_cpus
 from kdbench.records import record_path, write_record
-from kdbench.runner import Context, run_one, train_and_measure
+from kdbench.runner import Placement, run_one, train_and_measure
 from kdbench.tracking import log_run, tracking_uri
 from kdbench.paths import kdbench_home
 
@@ -36,24 +36,24 @@ def run_threads(spec: RunSpec) -> int | None:
     return max(s.threads for s in schedules)
 
 
-def auto_workers(specs: list[RunSpec], ctx: Context) -> int:
+def auto_workers(specs: list[RunSpec], place: Placement) -> int:
     """One run per share of the CPUs its training threads need; one at a time on a GPU, with unset threads or
     under DDP (each run then takes every process)."""
     threads = [run_threads(s) for s in specs]
-    if not specs or ctx.device != "cpu" or ctx.ranks or None in threads:
+    if not specs or place.device != "cpu" or place.ranks or None in threads:
         return 1
     return max(1, min(len(specs), usable_cpus() // max(threads)))
 
 
-def execute(specs: list[RunSpec], results_dir: Path, ctx: Context, workers: int, log=None
+def execute(specs: list[RunSpec], results_dir: Path, place: Placement, workers: int, log=None
             ) -> Iterator[tuple[RunSpec, dict]]:
     """Run every spec on this machine; yields (spec, record) as each finishes (in order when ``workers`` is 1)."""
     if workers <= 1:
         for spec in specs:
-            yield spec, run_one(spec, results_dir, ctx, log)
+            yield spec, run_one(spec, results_dir, place, log)
         return
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        pending = {pool.submit(run_one, spec, results_dir, ctx): spec for spec in specs}
+        pending = {pool.submit(run_one, spec, results_dir, place): spec for spec in specs}
         try:
             while pending:
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
@@ -64,7 +64,7 @@ def execute(specs: list[RunSpec], results_dir: Path, ctx: Context, workers: int,
                 future.cancel()
 
 
-def execute_on_ray(specs: list[RunSpec], results_dir: Path, ctx: Context, address: str | None = None, log=None
+def execute_on_ray(specs: list[RunSpec], results_dir: Path, place: Placement, address: str | None = None, log=None
                    ) -> Iterator[tuple[RunSpec, dict]]:
     """Run every spec as a Ray task (a new local Ray instance without ``address``); yields (spec, record) as
     each finishes, after writing the record. A failed task cancels the rest; records already written stay."""
@@ -77,14 +77,14 @@ def execute_on_ray(specs: list[RunSpec], results_dir: Path, ctx: Context, addres
         if log:
             store = env.get("MLFLOW_TRACKING_URI", "each node's local store (set MLFLOW_TRACKING_URI to a server)")
             log(f"Ray cluster: {cluster.get('CPU', 0):g} CPU, {cluster.get('GPU', 0):g} GPU; runs log to MLflow at {store}")
-        gpus = 0 if ctx.device == "cpu" else 1
+        gpus = 0 if place.device == "cpu" else 1
         if gpus > cluster.get("GPU", 0):
-            raise KdbenchError(f"--device {ctx.device}: the Ray cluster has no GPU; use --device cpu")
+            raise KdbenchError(f"--device {place.device}: the Ray cluster has no GPU; use --device cpu")
         task = ray.remote(_ray_task)
         pending = {}
         for spec in specs:
             cpus = min(run_threads(spec) or usable_cpus(), cluster.get("CPU", 1))
-            pending[task.options(num_cpus=cpus, num_gpus=gpus).remote(spec, ctx)] = spec
+            pending[task.options(num_cpus=cpus, num_gpus=gpus).remote(spec, place)] = spec
         try:
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
@@ -104,9 +104,9 @@ def execute_on_ray(specs: list[RunSpec], results_dir: Path, ctx: Context, addres
         ray.shutdown()
 
 
-def _ray_task(spec: RunSpec, ctx: Context) -> dict:
+def _ray_task(spec: RunSpec, place: Placement) -> dict:
     """One run on a Ray worker: train, measure, log to MLflow; the record goes back to the driver."""
-    record = train_and_measure(spec, ctx)
+    record = train_and_measure(spec, place)
     log_run(record)
     return record
 

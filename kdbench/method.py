@@ -20,12 +20,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdbench.errors import KdbenchError
+from kdbench.paths import shipped
 from kdbench.registry import Registry
 
 Shapes = dict[str, tuple[int, ...]]
 Taps = dict[str, torch.Tensor]
 
-DEFAULT_METHODS_DIR = Path(__file__).resolve().parents[1] / "methods"
+DEFAULT_METHODS_DIR = shipped("methods")
 _MODULE_PREFIX = "kdbench_methods."
 
 

@@ -13,8 +13,9 @@ import yaml
 from kdbench.config import STRICT
 from kdbench.errors import KdbenchError
 from kdbench.method import format_validation_error
+from kdbench.paths import shipped
 
-PUBLISHED = Path(__file__).resolve().parents[1] / "benchmarks" / "reference" / "published.yaml"
+PUBLISHED = shipped("reference") / "published.yaml"
 
 
 class Entry(pydantic.BaseModel):

@@ -5,6 +5,7 @@ The records are the source of truth; the leaderboard is built from them alone.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import platform
@@ -20,6 +21,7 @@ import torch
 from kdbench.config import RunSpec, sha256_of
 from kdbench.errors import KdbenchError
 from kdbench.method import format_validation_error
+from kdbench.paths import CHECKOUT
 
 SCHEMA_VERSION = 2  # 2: per-sample predictions, the suite's seeds; latency timed per architecture
 
@@ -47,6 +49,7 @@ class Env(pydantic.BaseModel):
     cpu: str
     gpu: str | None
     threads: int
+    kdbench: str | None = None  # the installed release (older records lack it)
 
 
 class Record(pydantic.BaseModel):
@@ -98,19 +101,28 @@ def environment(threads: int, device: str = "cpu") -> dict:
         "cpu": _cpu_name(),
         "gpu": torch.cuda.get_device_name(torch.device(device)) if on_gpu else None,
         "threads": threads,
+        "kdbench": _release(),
     }
+
+
+def _release() -> str | None:
+    try:
+        return importlib.metadata.version("kdbench")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree on PYTHONPATH
+        return None
 
 
 # Generated outputs (run records, the leaderboard, the methods page): changing them does not make the code dirty.
 GENERATED = (":!results", ":!leaderboard.md", ":!methods/README.md")
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def git_state(root: Path | None = None) -> tuple[str | None, bool | None]:
     """(commit, dirty) of the checkout at ``root`` (default: the one kdbench runs from); (None, None) outside
-    git. Dirty: anything but the generated outputs differs from HEAD, untracked files that git does not ignore
+    git and for an installed wheel (``env.kdbench`` then says which release ran). Dirty: anything but the generated outputs differs from HEAD, untracked files that git does not ignore
     included."""
-    root = Path(root) if root is not None else REPO_ROOT
+    root = Path(root) if root is not None else CHECKOUT
+    if root is None:
+        return None, None
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=normal", "--", ".", *GENERATED],
@@ -120,14 +132,18 @@ def git_state(root: Path | None = None) -> tuple[str | None, bool | None]:
         return None, None
 
 
-def new_record(suite: str, track: str, teacher: str, student: str, method: str, method_version: int, seed: int,
-               config: dict, threads: int, device: str, **fields) -> dict:
-    """The start of a run record, as benchmark runs and the Python API both make it: what ran, its config and
-    hash, the commit and whether the tree had uncommitted changes, when and where; ``fields`` add the rest."""
+# The fields that say which run a record is: its suite and seed, and these, copied from its config.
+IDENTITY = ("track", "teacher", "student", "method", "method_version")
+
+
+def new_record(suite: str, seed: int, config: dict, threads: int, device: str, **fields) -> dict:
+    """The start of a run record, as benchmark runs and the Python API both make it: what ran (named by the
+    config), its config and hash, the commit and whether the tree had uncommitted changes, when and where;
+    ``fields`` add the rest."""
     commit, dirty = git_state()
     return {
-        "schema_version": SCHEMA_VERSION, "suite": suite, "track": track, "teacher": teacher, "student": student,
-        "method": method, "method_version": method_version, "seed": seed, "config": config,
+        "schema_version": SCHEMA_VERSION, "suite": suite, **{key: config[key] for key in IDENTITY}, "seed": seed,
+        "config": config,
         "config_sha256": sha256_of(config), "git_commit": commit, "git_dirty": dirty, "created_at": now_iso(),
         "env": environment(threads, device),
     } | fields

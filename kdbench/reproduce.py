@@ -19,7 +19,7 @@ from kdbench.config import RunSpec
 from kdbench.errors import KdbenchError
 from kdbench.executor import execute
 from kdbench.records import load_record, record_path
-from kdbench.runner import Context
+from kdbench.runner import Placement
 from kdbench.verify import EXACT, PREDICTIONS, compare_records, format_value
 
 HOME_ENV = ("KDBENCH_HOME", "MLFLOW_TRACKING_URI")
@@ -89,7 +89,7 @@ def committed_records(specs: list[RunSpec], results_dir: Path) -> dict[Path, dic
     return out
 
 
-def reproduce(specs: list[RunSpec], results_dir: Path, scratch: Path, ctx: Context, workers: int,
+def reproduce(specs: list[RunSpec], results_dir: Path, scratch: Path, place: Placement, workers: int,
               log: Callable[[str], None] | None = None) -> Iterator[Outcome]:
     """Train every spec (never skipped) into ``<scratch>/results``; yields each run compared with its committed
     record under ``results_dir`` as it finishes. The committed records are read (and checked) at once, before
@@ -97,7 +97,7 @@ def reproduce(specs: list[RunSpec], results_dir: Path, scratch: Path, ctx: Conte
     committed = committed_records(specs, results_dir)
 
     def outcomes() -> Iterator[Outcome]:
-        for spec, fresh in execute(specs, Path(scratch) / "results", ctx, workers, log):
+        for spec, fresh in execute(specs, Path(scratch) / "results", place, workers, log):
             old = committed[record_path(results_dir, spec)]
             yield Outcome(spec, fresh, old, compare_records(old, fresh) if old is not None else {})
 

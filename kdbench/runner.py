@@ -35,7 +35,7 @@ from kdbench.train import DivergedError, fit
 
 
 @dataclass(frozen=True)
-class Context:
+class Placement:
     """Where a run finds its data and where it computes; none of it changes what the run's config is."""
 
     data_root: Path | None = None
@@ -49,14 +49,14 @@ def _loaded(track: str, data_root: Path | None, download: bool) -> TrackData:
     return load_track(track, data_root, download)
 
 
-def track_data(spec: RunSpec, ctx: Context) -> TrackData:
-    return _loaded(spec.track, ctx.data_root, ctx.download).limited(dict(spec.limit))
+def track_data(spec: RunSpec, place: Placement) -> TrackData:
+    return _loaded(spec.track, place.data_root, place.download).limited(dict(spec.limit))
 
 
-def run_one(spec: RunSpec, results_dir: Path, ctx: Context = Context(), log=None, mirror=log_run) -> dict | None:
+def run_one(spec: RunSpec, results_dir: Path, place: Placement = Placement(), log=None, mirror=log_run) -> dict | None:
     """Train and measure one run, write its record (also when it diverges) and mirror it (MLflow by default).
     Under DDP every process trains and the main one alone writes and mirrors; the others return None."""
-    record = train_and_measure(spec, ctx, log)
+    record = train_and_measure(spec, place, log)
     if record is None:
         return None
     write_record(record_path(results_dir, spec), record)
@@ -65,28 +65,28 @@ def run_one(spec: RunSpec, results_dir: Path, ctx: Context = Context(), log=None
     return record
 
 
-def train_and_measure(spec: RunSpec, ctx: Context = Context(), log=None) -> dict | None:
+def train_and_measure(spec: RunSpec, place: Placement = Placement(), log=None) -> dict | None:
     """One run's record (status ``failed`` when it diverges), written nowhere: the caller keeps it. Under DDP
-    (``ctx.ranks``) every process trains, the main one alone measures (the others wait, so timings run on an
+    (``place.ranks``) every process trains, the main one alone measures (the others wait, so timings run on an
     idle machine) and returns the record; the others return None."""
-    world_size = ctx.ranks.world_size if ctx.ranks else 1
+    world_size = place.ranks.world_size if place.ranks else 1
     if spec.world_size != world_size:
         raise KdbenchError(f"{spec.label()}: its config trains on {spec.world_size} process(es), this command runs "
                            f"{world_size}; re-run it with torchrun --nproc_per_node {spec.world_size} -m kdbench run")
     torch.set_num_threads(spec.measure.threads)
-    deterministic(ctx.device)
-    base = track_data(spec, ctx)
+    deterministic(place.device)
+    base = track_data(spec, place)
     data = base.for_seed(spec.seed)  # a cross-validated track's fold; the config names the scheme, not the fold
-    config = spec.config(base.description, pretrained_digests(spec, ctx))
+    config = spec.config(base.description, pretrained_digests(spec, place))
     teacher, teacher_key = load_or_train_teacher(spec.track, data, spec.teacher, spec.teacher_train, spec.teacher_seed,
-                                                 ctx.device, ctx.data_root)
+                                                 place.device, place.data_root)
     torch.manual_seed(spec.seed)
-    student = create_model(spec.student, data.num_classes, data.in_shape, ctx.data_root).to(ctx.device)
+    student = create_model(spec.student, data.num_classes, data.in_shape, place.data_root).to(place.device)
     (method,) = _build_methods([spec], data, student, teacher)
-    method.to(ctx.device)
-    record = new_record(spec.suite, spec.track, spec.teacher, spec.student, spec.method, spec.method_version,
-                        spec.seed, config, spec.measure.threads, ctx.device, suite_seeds=list(spec.suite_seeds),
-                        teacher_sha256=teacher_key, **({"ddp_backend": ctx.ranks.backend} if ctx.ranks else {}))
+    method.to(place.device)
+    record = new_record(spec.suite, spec.seed, config, spec.measure.threads, place.device,
+                        suite_seeds=list(spec.suite_seeds), teacher_sha256=teacher_key,
+                        **({"ddp_backend": place.ranks.backend} if place.ranks else {}))
     teacher_outputs, record["teacher_outputs"] = (
         cached_teacher_outputs(teacher, method.taps(method.config)[1], data.train, teacher_key)
         if method.needs_teacher else (None, {"cached": False, "reason": "the method uses no teacher"}))
@@ -95,19 +95,19 @@ def train_and_measure(spec: RunSpec, ctx: Context = Context(), log=None) -> dict
     history: list[dict] = []
     try:
         history = fit(student, method, teacher, data, spec.train, spec.seed, _progress(spec, log), checkpoint,
-                      teacher_outputs, ctx.ranks)
+                      teacher_outputs, place.ranks)
     except DivergedError as exc:
         record.update(status="failed", error=f"diverged: {exc}", metrics=None)
     else:
-        barrier(ctx.ranks)  # every process has finished training before the main one times the models
-        if is_main(ctx.ranks):
+        barrier(place.ranks)  # every process has finished training before the main one times the models
+        if is_main(place.ranks):
             preds = {"test": predict(student, data.test), "val": predict(student, data.val)}
             record.update(status="finished", predictions={name: split_predictions(preds[name], getattr(data, name))
                                                           for name in preds},
                           metrics=run_metrics(student, method, teacher, data, spec.measure,
                                               time.perf_counter() - start, spec.train.epochs, preds=preds))
-    barrier(ctx.ranks)  # the other processes start nothing new while the main one measures
-    if not is_main(ctx.ranks):
+    barrier(place.ranks)  # the other processes start nothing new while the main one measures
+    if not is_main(place.ranks):
         return None
     record["history"] = history
     checkpoint.unlink(missing_ok=True)
@@ -127,9 +127,9 @@ def is_finished(results_dir: Path, spec: RunSpec) -> bool:
     return record.status == "finished" and c == spec.config(c.get("data", {}), c.get("pretrained"))
 
 
-def pretrained_digests(spec: RunSpec, ctx: Context) -> dict[str, str]:
+def pretrained_digests(spec: RunSpec, place: Placement) -> dict[str, str]:
     """sha256 of the pretrained weights the run's models start from (part of its config)."""
-    paths = {name: pretrained_path(name, ctx.data_root) for name in (spec.teacher, spec.student)}
+    paths = {name: pretrained_path(name, place.data_root) for name in (spec.teacher, spec.student)}
     return {name: weights_digest(path) for name, path in paths.items() if path is not None}
 
 
@@ -181,15 +181,15 @@ def deterministic(device: str) -> None:
     torch.utils.deterministic.fill_uninitialized_memory = False
 
 
-def preflight(specs: list[RunSpec], ctx: Context = Context()) -> None:
+def preflight(specs: list[RunSpec], place: Placement = Placement()) -> None:
     """Build every run's method on untrained models, so a bad tap or shape fails before anything trains."""
     by_pair: dict[tuple, dict] = {}
     for s in specs:
         by_pair.setdefault((s.track, s.limit, s.teacher, s.student), {})[(s.method, repr(s.method_config))] = s
     for pair_specs in by_pair.values():
         spec = next(iter(pair_specs.values()))
-        data = track_data(spec, ctx)
-        pretrained_digests(spec, ctx)  # a missing weights file fails here, before anything trains
+        data = track_data(spec, place)
+        pretrained_digests(spec, place)  # a missing weights file fails here, before anything trains
         models = [create_model(name, data.num_classes, data.in_shape, random_init=True)
                   for name in (spec.student, spec.teacher)]
         _build_methods(list(pair_specs.values()), data, *models, dry_loss=True)
@@ -201,7 +201,7 @@ def _progress(spec: RunSpec, log):
     return lambda row: log(f"  epoch {row['epoch']}/{spec.train.epochs}  loss {row['train_loss']:.4f}  val {row['val_top1']:.1f}%")
 
 
-def run_metrics(student, method, teacher, data: TrackData, m: MeasureConfig, train_seconds: float, epochs: int,
+def run_metrics(student, method, teacher, data: TrackData, measure: MeasureConfig, train_seconds: float, epochs: int,
                 timed: tuple[nn.Module, nn.Module] | None = None, preds: dict | None = None) -> dict:
     """A record's metrics: accuracy and agreement on ``data.test``, sizes, and with ``timed`` (the Python API
     passes the user's models inside their adapters) the latency and throughput of those two models timed side by
@@ -214,7 +214,8 @@ def run_metrics(student, method, teacher, data: TrackData, m: MeasureConfig, tra
     costs = {}
     if timed is not None:
         with exclusive_use():  # no parallel run trains while these are timed
-            student_cost, teacher_cost = cost_metrics(timed, sample, m.threads, m.throughput_batch, m.min_run_time)
+            student_cost, teacher_cost = cost_metrics(timed, sample, measure.threads, measure.throughput_batch,
+                                                     measure.min_run_time)
         costs = student_cost | {f"teacher_{k}": v for k, v in teacher_cost.items() if k != "throughput_batch"}
     return {
         "test_top1": top1(preds["test"], data.test.y),

@@ -1,4 +1,4 @@
-"""Suites: YAML files in ``benchmarks/`` expanded into RunSpecs (track × pair × method × seed).
+"""Suites: YAML files in ``benchmarks/suites/`` expanded into RunSpecs (track × pair × method × seed).
 
 Merging is strict: an unknown key or a wrong type names the key and the file.
 """
@@ -16,10 +16,11 @@ from kdbench.config import STRICT, MeasureConfig, RunSpec, TrainConfig
 from kdbench.errors import KdbenchError
 from kdbench.method import METHODS, format_validation_error, validate_config
 from kdbench.models import MODELS
+from kdbench.paths import shipped
 from kdbench.registry import unknown_name_message
 from kdbench.tracks import TRACKS
 
-SUITES_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+SUITES_DIR = shipped("suites")
 
 
 class PairSpec(pydantic.BaseModel):
@@ -57,7 +58,7 @@ def suite_files() -> dict[str, Path]:
 
 
 def load_suite(name_or_path: str) -> Suite:
-    """A suite by name (``benchmarks/<name>.yaml``) or by path to a YAML file."""
+    """A suite by name (``benchmarks/suites/<name>.yaml``) or by path to a YAML file."""
     path = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml"):
         files = suite_files()

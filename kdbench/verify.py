@@ -15,7 +15,7 @@ from kdbench.config import RunSpec
 from kdbench.errors import KdbenchError
 from kdbench.method import METHODS
 from kdbench.records import load_record
-from kdbench.runner import Context, run_one
+from kdbench.runner import Placement, run_one
 
 # Deterministic on the same machine: compared exactly. Timings (latency, throughput, seconds) are not compared.
 EXACT = ("test_top1", "val_top1", "teacher_top1", "agreement", "params", "extra_params", "flops", "epochs")
@@ -77,7 +77,7 @@ def format_pair(old, new) -> tuple[str, str]:
     return a, b
 
 
-def verify(path: Path, ctx: Context = Context(), log=None) -> list[tuple[str, object, object, bool]]:
+def verify(path: Path, place: Placement = Placement(), log=None) -> list[tuple[str, object, object, bool]]:
     """(name, recorded, re-run, match) for each deterministic metric of the record at ``path``, and for its
     predictions when either record has them; only the status when the two runs ended differently."""
     record = load_record(path)
@@ -90,7 +90,7 @@ def verify(path: Path, ctx: Context = Context(), log=None) -> list[tuple[str, ob
             f"{current}; re-run it with `kdbench run --force` instead"
         )
     with tempfile.TemporaryDirectory() as scratch:
-        fresh = run_one(RunSpec.from_record(record), Path(scratch), ctx, log, mirror=None)
+        fresh = run_one(RunSpec.from_record(record), Path(scratch), place, log, mirror=None)
     if fresh["config_sha256"] != record.config_sha256:
         raise KdbenchError(f"record {path}: the track's data no longer matches the record's config; cannot verify")
     committed = json.loads(Path(path).read_text())  # as written, not as pydantic coerces it

@@ -12,7 +12,7 @@ import torch
 
 from kdbench.cli import main
 from kdbench.method import METHODS
-from kdbench.runner import Context, preflight
+from kdbench.runner import Placement, preflight
 from kdbench.suite import expand, load_suite
 from kdbench.tracks import load_track
 from kdbench.tracks.cifar import PAD, pad_crop_flip
@@ -117,7 +117,7 @@ def test_every_smoke_and_full_cifar_run_builds(cifar_root):
     for name in ("cifar100", "cifar10", "cifar100-smoke", "cifar10-smoke"):
         specs = expand(load_suite(name))
         assert {s.pair for s in specs} == {"resnet32x4:resnet8x4", "wrn_40_2:wrn_16_2", "resnet56:resnet20", "vgg13:vgg8"}
-        preflight(specs, Context(cifar_root))
+        preflight(specs, Placement(cifar_root))
 
 
 def test_crd_protocol_in_the_full_suite():

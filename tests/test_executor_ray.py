@@ -104,13 +104,13 @@ def test_a_failing_task_stops_the_grid_in_one_line(tiny_suite, tmp_path, capsys)
     """A run that raises on its Ray worker: exit 2 and one line naming the run and the cause."""
     from kdbench.executor import execute_on_ray
     from kdbench.errors import KdbenchError
-    from kdbench.runner import Context
+    from kdbench.runner import Placement
     from kdbench.suite import expand, load_suite
 
     spec = expand(load_suite(tiny_suite), ["baseline"], None, None, [0])[0]
     broken = type(spec)(**{**spec.__dict__, "student": "no_such_model"})
     with pytest.raises(KdbenchError, match=r"^mnist1d cnn1d_w8:no_such_model baseline seed 0 failed on Ray: .*no_such_model"):
-        list(execute_on_ray([broken], tmp_path / "results", Context()))
+        list(execute_on_ray([broken], tmp_path / "results", Placement()))
     assert not (tmp_path / "results").exists()
 
 

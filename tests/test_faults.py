@@ -100,8 +100,8 @@ def test_parallel_writers_to_one_sqlite_store_lose_no_run(tmp_path):
     import multiprocessing
 
     uri = f"sqlite:///{tmp_path / 'shared.db'}"
-    ctx = multiprocessing.get_context("spawn")
-    workers = [ctx.Process(target=_log_fake_runs, args=(uri, w, 4)) for w in range(3)]
+    place = multiprocessing.get_context("spawn")
+    workers = [place.Process(target=_log_fake_runs, args=(uri, w, 4)) for w in range(3)]
     for w in workers:
         w.start()
     for w in workers:
