@@ -128,7 +128,7 @@ def distill(teacher: nn.Module, student: nn.Module, data, method: str = "vanilla
     teacher.to(dev)
     with _borrowed(teacher, device):
         sample = train.sample(2).to(dev)
-        s_shapes = probe_shapes(s_model, s_taps, sample)
+        s_shapes = probe_shapes(s_model, s_taps, sample, len(train))
         t_shapes = probe_shapes(t_model, t_taps if cls.needs_teacher else (), sample)
         _check_classes(s_shapes["logits"], t_shapes["logits"], val.y)
         torch.manual_seed(seed)  # the method's own modules start from the run's seed

@@ -8,6 +8,7 @@ is exactly the extra set: trained with the student, counted apart, never saved w
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pydantic
+from pydantic import Field
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,6 +38,24 @@ class MethodConfig(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
 
 
+class LogitMethodConfig(MethodConfig):
+    """Base of the configs of logit methods that offer logit standardization (Sun, Ren, Li, Wang & Cao, "Logit
+    Standardization in Knowledge Distillation", CVPR 2024; ``kdbench.losses.standardized``): each sample's logits,
+    student's and teacher's, are z-scored before the temperature softmax, so the effective temperature is the
+    base temperature times each sample's own logit standard deviation. Off, the field is left out of the resolved
+    config (configs from before the option keep their hash)."""
+
+    logit_standardization: bool = Field(
+        default=False, description="z-score each sample's logits before the softmax (Sun et al. 2024)")
+
+    @pydantic.model_serializer(mode="wrap")
+    def _dump(self, handler):
+        data = handler(self)
+        if not self.logit_standardization:
+            data.pop("logit_standardization", None)
+        return data
+
+
 class Method(nn.Module):
     """Base class. Subclasses set ``Config`` and implement ``loss``.
 
@@ -47,6 +67,8 @@ class Method(nn.Module):
 
     name: ClassVar[str] = ""
     version: ClassVar[int] = 1
+    variant_of: ClassVar[str | None] = None  # a variant (register_method's ``variants``): the method it is of
+    variant_defaults: ClassVar[dict[str, Any]] = {}
     needs_teacher: ClassVar[bool] = True
     Config: ClassVar[type[MethodConfig]] = MethodConfig
 
@@ -121,8 +143,12 @@ def _load_method_file(path: Path) -> None:
 METHODS: Registry[type[Method]] = Registry("method", discover=_discover_methods)
 
 
-def register_method(name: str):
-    """Class decorator: registers a Method subclass under ``name`` (which must equal its file name)."""
+def register_method(name: str, variants: dict[str, dict[str, Any]] | None = None):
+    """Class decorator: registers a Method subclass under ``name`` (which must equal its file name).
+
+    ``variants`` registers the same method again under ``<name>+<tag>`` with other defaults, e.g.
+    ``{"vanilla_kd+ls": {"logit_standardization": True, "temperature": 2.0}}``: a leaderboard row of its own,
+    beside the plain method, run by every suite like any method."""
 
     def add(cls: type[Method]) -> type[Method]:
         if not (isinstance(cls, type) and issubclass(cls, Method)):
@@ -136,9 +162,32 @@ def register_method(name: str):
         if cls.__module__.startswith(_MODULE_PREFIX) and stem != name:
             raise KdbenchError(f"method {name!r} is defined in {stem}.py; a method's file must be named {name}.py")
         cls.name = name
-        return METHODS.register(name)(cls)
+        METHODS.register(name)(cls)
+        for variant, defaults in (variants or {}).items():
+            METHODS.register(variant)(_variant(cls, variant, defaults))
+        return cls
 
     return add
+
+
+def _variant(cls: type[Method], name: str, defaults: dict[str, Any]) -> type[Method]:
+    """A subclass of ``cls`` registered as ``name`` whose Config has other defaults (validated like any value)."""
+    if not name.startswith(cls.name + "+") or not name[len(cls.name) + 1:].isidentifier():
+        raise KdbenchError(f"variant {name!r} of {cls.name!r} must be named {cls.name}+<tag>, the tag an identifier")
+    unknown = set(defaults) - set(cls.Config.model_fields)
+    if unknown:
+        raise KdbenchError(f"variant {name!r}: {cls.name}'s Config has no field {sorted(unknown)[0]!r}")
+    validate_config(cls, defaults)
+    fields = {}
+    for key, value in defaults.items():
+        info = copy.copy(cls.Config.model_fields[key])
+        info.default = value
+        fields[key] = (info.annotation, info)
+    config = pydantic.create_model(f"{cls.Config.__name__}_{name.split('+')[1]}", __base__=cls.Config, **fields)
+    summary = f"{cls.name} with {', '.join(f'{k} = {v}' for k, v in defaults.items())}."
+    return type(f"{cls.__name__}_{name.split('+')[1]}", (cls,), {
+        "Config": config, "name": name, "variant_of": cls.name, "variant_defaults": dict(defaults),
+        "__doc__": summary, "__module__": cls.__module__})
 
 
 def validate_config(method_cls: type[Method], overrides: dict[str, Any]) -> MethodConfig:

@@ -42,9 +42,17 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("<", "\\<").replace("\n", " ")
 
 
+def _anchor(name: str) -> str:
+    """The id GitHub gives the heading ``## name`` (``+`` dropped)."""
+    return name.replace("+", "")
+
+
 def _section(name: str) -> str:
     cls = METHODS.get(name)
     doc = inspect.cleandoc(sys.modules[cls.__module__].__doc__ or "")
+    if cls.variant_of:  # the same method with other defaults: its own file's docstring says where they come from
+        doc = (f"The method [`{cls.variant_of}`](#{_anchor(cls.variant_of)}) with other defaults, a leaderboard row "
+               f"of its own; the docstring of `{cls.variant_of}` gives their source.")
     rows = [
         f"| `{field}` | `{json.dumps(info.get_default(call_default_factory=True), default=str)}` "
         f"| {_cell(info.description or '–')} |"
@@ -58,7 +66,7 @@ def _section(name: str) -> str:
 def render() -> str:
     """The whole page: an index, then one section per registered method, sorted by name."""
     index = ["| method | version | teacher | summary |", "|---|---|---|---|"]
-    index += [f"| [`{c.name}`](#{c.name}) | {c.version} | {teacher_text(c)} | {_cell(summary(c))} |"
+    index += [f"| [`{c.name}`](#{_anchor(c.name)}) | {c.version} | {teacher_text(c)} | {_cell(summary(c))} |"
               for c in map(METHODS.get, METHODS.names())]
     return "\n".join([HEADER, *index, "", *(_section(n) for n in METHODS.names())]).rstrip("\n") + "\n"
 

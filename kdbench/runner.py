@@ -14,7 +14,7 @@ from torch import nn
 from kdbench.config import MeasureConfig, RunSpec
 from kdbench.distributed import Ranks, barrier, is_main
 from kdbench.errors import KdbenchError
-from kdbench.taps import MASK, probe
+from kdbench.taps import MASK, probe, tap_shapes
 from kdbench.timing_lock import exclusive_use
 from kdbench.metrics import cost_metrics, flops_per_sample, predict, top1
 from kdbench.method import METHODS
@@ -149,12 +149,10 @@ def _build_methods(specs: list[RunSpec], data: TrackData, student, teacher, dry_
     def own(outputs: dict, taps) -> dict:  # the method's taps, and the padding mask of token models (kdbench.taps)
         return {t: outputs[t] for t in (*taps, MASK) if t in outputs}
 
-    def shapes(outputs: dict) -> dict:
-        return {name: tuple(value.shape[1:]) for name, value in outputs.items()}
-
     methods = []
     for spec, cls, config, s_taps, t_taps in built:
-        method = cls(config, shapes(own(student_out, s_taps)), shapes(own(teacher_out, t_taps)))
+        method = cls(config, tap_shapes(own(student_out, s_taps), len(data.train)),
+                     tap_shapes(own(teacher_out, t_taps), len(data.train)))
         if dry_loss and target.device.type != "meta":  # shape-only (meta) models cannot compute a loss
             _dry_loss(spec, method, own(student_out, s_taps), own(teacher_out, t_taps), target)
         methods.append(method)

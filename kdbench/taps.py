@@ -9,6 +9,12 @@ Tap vocabulary (architecture-agnostic):
   their layers): ``hidden:<i>``, the hidden states (B, L, H) after layer i (the same module as ``stage:<i>``),
   and ``attn:<i>``, the attention probabilities (B, heads, L, L) of layer i (element 1 of the output of the
   module ``attentions[i]``);
+- ``embedding``: the input of the model's classifier, flattened to (B, D): the penultimate representation that
+  relation and contrastive methods (RKD, PKT, CRD) and BYOT's deepest feature read. Models name their
+  classifier module in ``classifier_path``;
+- ``index``: each sample's position in the training split, (B,) integers, given by the training loop (a memory
+  bank's row, as CRD needs). Among the shapes a method is built with, its shape is (N,): N, the size of the
+  training split, is the number of rows such a bank needs;
 - ``mask``: for models over padded token sequences (they define ``token_mask(x)``), (B, L) with 1 for real
   tokens and 0 for padding. It is part of every tap dict of such a model, asked for or not, so that methods
   can leave padding out; a method sees hidden states (B, L, H) rather than feature maps (B, C, *positions)
@@ -28,6 +34,8 @@ from torch import nn
 from kdbench.errors import KdbenchError
 
 MASK = "mask"
+EMBEDDING = "embedding"
+INDEX = "index"
 
 
 def stage_modules(model: nn.Module) -> tuple[str, ...]:
@@ -76,11 +84,19 @@ def resolve_tap(model: nn.Module, tap: str) -> nn.Module:
         path = arg
     else:
         raise KdbenchError(f"unknown tap {tap!r}; use 'logits', 'stage:<i>', 'module:<dotted.path>', "
-                           "'hidden:<i>', 'attn:<i>' or 'mask'")
+                           "'hidden:<i>', 'attn:<i>', 'embedding', 'index' or 'mask'")
     try:
         return model.get_submodule(path)
     except AttributeError:
         raise KdbenchError(f"tap {tap!r}: {type(model).__name__} has no submodule {path!r}") from None
+
+
+def _classifier(model: nn.Module) -> nn.Module:
+    path = getattr(model, "classifier_path", None)
+    if path is None:
+        raise KdbenchError(f"tap 'embedding': {type(model).__name__} names no classifier module (its "
+                           "classifier_path attribute) whose input is the embedding")
+    return model.get_submodule(path)
 
 
 class FeatureTaps:
@@ -93,11 +109,17 @@ class FeatureTaps:
         taps = dict.fromkeys(taps)
         if MASK in taps and self._token_mask is None:
             raise KdbenchError(f"tap 'mask': {type(model).__name__} does not read padded token sequences")
+        self._wants_index = INDEX in taps
         self._handles = [
             resolve_tap(model, tap).register_forward_hook(partial(self._capture, tap))
             for tap in taps
-            if tap not in ("logits", MASK)
+            if tap not in ("logits", MASK, EMBEDDING, INDEX)
         ]
+        if EMBEDDING in taps:
+            self._handles.append(_classifier(model).register_forward_pre_hook(self._capture_embedding))
+
+    def _capture_embedding(self, module: nn.Module, inputs) -> None:
+        self._captured[EMBEDDING] = inputs[0].flatten(1)
 
     def _capture(self, tap: str, module: nn.Module, inputs, output) -> None:
         if isinstance(output, tuple):
@@ -107,10 +129,15 @@ class FeatureTaps:
                                    "(it needs an attention implementation that returns them, such as eager)")
         self._captured[tap] = output
 
-    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def __call__(self, x: torch.Tensor, index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The taps on ``x``; ``index``: the samples' positions in the training split, for the ``index`` tap."""
         self._captured = {}
         logits = self.model(x)
         mask = {} if self._token_mask is None else {MASK: self._token_mask(x)}
+        if self._wants_index:
+            if index is None:
+                raise KdbenchError("tap 'index': these samples have no positions in a training split")
+            mask[INDEX] = index
         return {"logits": logits, **self._captured, **mask}
 
     def remove(self) -> None:
@@ -121,17 +148,28 @@ class FeatureTaps:
 
 @torch.no_grad()
 def probe(model: nn.Module, taps: Iterable[str], sample: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Every tap's output on ``sample[:2]``, from one dry forward pass in eval mode."""
+    """Every tap's output on ``sample[:2]``, from one dry forward pass in eval mode (``index``: 0 and 1)."""
     was_training = model.training
     model.eval()
     tapper = FeatureTaps(model, taps)
     try:
-        return tapper(sample[:2])
+        return tapper(sample[:2], torch.arange(2, device=sample.device))
     finally:
         tapper.remove()
         model.train(was_training)
 
 
-def probe_shapes(model: nn.Module, taps: Iterable[str], sample: torch.Tensor) -> dict[str, tuple[int, ...]]:
+def tap_shapes(outputs: dict[str, torch.Tensor], train_size: int | None = None) -> dict[str, tuple[int, ...]]:
+    """Shapes without the batch dimension, as methods are built with; ``index`` → (train_size,)."""
+    shapes = {name: tuple(value.shape[1:]) for name, value in outputs.items()}
+    if INDEX in shapes:
+        if train_size is None:
+            raise KdbenchError("tap 'index': the size of the training split is not known here")
+        shapes[INDEX] = (train_size,)
+    return shapes
+
+
+def probe_shapes(model: nn.Module, taps: Iterable[str], sample: torch.Tensor,
+                 train_size: int | None = None) -> dict[str, tuple[int, ...]]:
     """Shapes (without the batch dimension) of each tap, from one dry forward pass in eval mode."""
-    return {name: tuple(value.shape[1:]) for name, value in probe(model, taps, sample).items()}
+    return tap_shapes(probe(model, taps, sample), train_size)

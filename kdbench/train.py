@@ -19,7 +19,7 @@ from torch import nn
 from kdbench.config import TrainConfig
 from kdbench.distributed import Ranks, data_parallel, is_main, mean_over_ranks, per_rank_batch, shard
 from kdbench.errors import KdbenchError
-from kdbench.taps import FeatureTaps
+from kdbench.taps import INDEX, FeatureTaps
 from kdbench.timing_lock import training_share
 from kdbench.metrics import predict, top1
 from kdbench.method import Method
@@ -86,8 +86,8 @@ class _StudentStep(nn.Module):
         super().__init__()
         self.student, self.method, self.tapper = student_tapper.model, method, student_tapper
 
-    def forward(self, x, teacher_out, target, progress):
-        student_out = self.tapper(x)
+    def forward(self, x, teacher_out, target, progress, index=None):
+        student_out = self.tapper(x, index)
         return student_out, self.method.loss(student_out, teacher_out, target, progress)
 
 
@@ -143,6 +143,10 @@ def fit(
     total_steps = cfg.epochs * steps_per_epoch
     student_taps, teacher_taps = method.taps(method.config)
     student_tapper = FeatureTaps(student, student_taps)
+    wants_index = INDEX in student_taps
+    if wants_index and not hasattr(data.train, "indexed_batches"):
+        raise KdbenchError(f"method {method.name} reads each sample's index (the 'index' tap), which a DataLoader's "
+                           "batches do not give; pass the training data as tensors (X, y)")
     teacher_tapper = FeatureTaps(teacher, teacher_taps) if method.needs_teacher and teacher_outputs is None else None
     optimizer = make_optimizer(list(student.parameters()) + method.student_side_parameters(), cfg)
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
@@ -166,7 +170,7 @@ def fit(
         for epoch in range(len(history), cfg.epochs):
             sums: dict[str, float] = defaultdict(float)
             with training_share():  # a parallel run's timing waits for the end of this epoch
-                if teacher_outputs is None:
+                if teacher_outputs is None and not wants_index:
                     batches = ((None, x, y) for x, y in data.train.batches(cfg.batch_size, order, train=True))
                 else:
                     batches = data.train.indexed_batches(cfg.batch_size, order, train=True)
@@ -180,7 +184,8 @@ def fit(
                     else:
                         with torch.no_grad():
                             t_out = teacher_tapper(x) if teacher_tapper else None
-                    s_out, terms = student_step(x, t_out, y, progress)
+                    index = idx.to(device, non_blocking=True) if wants_index else None
+                    s_out, terms = student_step(x, t_out, y, progress, index)
                     loss = _step(optimizer, terms, f"loss at epoch {epoch + 1}, step {step}", ranks)
                     scheduler.step()
                     if adversary_step is not None:

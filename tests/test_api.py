@@ -129,7 +129,7 @@ def test_module_names_are_checked(teacher, student, data):
     ({"temprature": 4}, "method vanilla_kd: temprature: Extra inputs are not permitted"),
     ({"epochs": 0}, "training settings: epochs: Input should be greater than 0"),
     ({"optimizer": "adam"}, "training settings: optimizer: Input should be 'adamw' or 'sgd'"),
-    ({"method": "vanila_kd"}, "unknown method 'vanila_kd'; did you mean: vanilla_kd?"),
+    ({"method": "vanila_kd"}, "unknown method 'vanila_kd'; did you mean: vanilla_kd"),
     ({"timing": {"thread": 1}}, "timing: thread: Extra inputs are not permitted"),
     ({"device": "gpu0"}, "device 'gpu0' is not a torch device"),
     ({"batch_size": 500}, "batch_size 500 exceeds the 216 training samples"),

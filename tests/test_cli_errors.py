@@ -15,7 +15,7 @@ def _run(capsys, *argv):
     "argv, message",
     [
         (["run", "--suite", "cpuu"], "unknown suite 'cpuu'; did you mean: cpu?"),
-        (["run", "--method", "vanila_kd"], "unknown method 'vanila_kd'; did you mean: vanilla_kd?"),
+        (["run", "--method", "vanila_kd"], "unknown method 'vanila_kd'; did you mean: vanilla_kd"),
         (["run", "--track", "mnist"], "unknown track 'mnist'; did you mean: mnist1d?"),
         (["run", "--pair", "cnn1d_w32:cnn1d_w64"], "unknown pair 'cnn1d_w32:cnn1d_w64'; did you mean: cnn1d_w32:cnn1d_w4"),
         (["run", "--seeds", "0,x"], "--seeds '0,x': expected comma-separated whole numbers"),

@@ -18,6 +18,7 @@ from kdbench.models import count_params, create_model
 
 GOLDEN = Path(__file__).parent / "golden" / "method_losses.json"
 TEACHER, STUDENT = "cnn1d_w8", "cnn1d_w4"
+TRAIN_SIZE = 64
 
 
 def one_step(name: str, seed: int = 0, progress: float = 0.5):
@@ -29,10 +30,11 @@ def one_step(name: str, seed: int = 0, progress: float = 0.5):
     cls = METHODS.get(name)
     config = cls.Config()
     s_taps, t_taps = cls.taps(config)
-    method = cls(config, probe_shapes(student, s_taps, x), probe_shapes(teacher, t_taps, x))
+    method = cls(config, probe_shapes(student, s_taps, x, TRAIN_SIZE), probe_shapes(teacher, t_taps, x, TRAIN_SIZE))
     teacher.eval().requires_grad_(False)
-    s_out = FeatureTaps(student, s_taps)(x)
-    t_out = FeatureTaps(teacher, t_taps)(x) if cls.needs_teacher else None
+    index = torch.arange(8) * 3  # the batch's positions in a training split of TRAIN_SIZE samples
+    s_out = FeatureTaps(student, s_taps)(x, index)
+    t_out = FeatureTaps(teacher, t_taps)(x, index) if cls.needs_teacher else None
     terms = method.loss(s_out, t_out, y, progress)
     return teacher, student, method, s_out, t_out, y, terms
 
@@ -105,9 +107,10 @@ def test_one_step_on_2d_feature_maps(method):
     cls = METHODS.get(method)
     config = cls.Config()
     s_taps, t_taps = cls.taps(config)
-    m = cls(config, probe_shapes(student, s_taps, x), probe_shapes(teacher, t_taps, x))
-    t_out = FeatureTaps(teacher.eval(), t_taps)(x) if cls.needs_teacher else None
-    terms = m.loss(FeatureTaps(student, s_taps)(x), t_out, y, 0.0)
+    m = cls(config, probe_shapes(student, s_taps, x, TRAIN_SIZE), probe_shapes(teacher, t_taps, x, TRAIN_SIZE))
+    index = torch.arange(8)
+    t_out = FeatureTaps(teacher.eval(), t_taps)(x, index) if cls.needs_teacher else None
+    terms = m.loss(FeatureTaps(student, s_taps)(x, index), t_out, y, 0.5)
     total = sum(terms.values())
     assert torch.isfinite(total)
     total.backward()

@@ -1,6 +1,7 @@
 """The model zoo: ``create_model(name, num_classes, in_shape)`` is the one constructor.
 
-Every model lists its stage modules in ``stages`` so that methods can tap ``stage:<i>``.
+Every model lists its stage modules in ``stages`` so that methods can tap ``stage:<i>``, and names its classifier
+module in ``classifier_path`` (the ``embedding`` tap is that module's input).
 A model that starts from pretrained weights names them relative to ``<data-root>/pretrained/``
 (hubs are not assumed reachable); its builder takes that path as a third argument.
 """

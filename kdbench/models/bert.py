@@ -82,6 +82,7 @@ class BertClassifier(nn.Module):
         layers = hf.config.num_hidden_layers
         self.stages = tuple(f"hf.bert.encoder.layer.{i}" for i in range(layers))
         self.attentions = tuple(f"hf.bert.encoder.layer.{i}.attention.self" for i in range(layers))
+        self.classifier_path = "hf.classifier"  # the embedding tap: the pooled [CLS] (after dropout)
 
     @staticmethod
     def token_mask(x: torch.Tensor) -> torch.Tensor:

@@ -102,6 +102,7 @@ class ResNet(nn.Module):
         self.fc = nn.Linear(widths[-1], num_classes)
         _init(self)
         self.stages = ("relu", "layer1", "layer2", "layer3")
+        self.classifier_path = "fc"  # the embedding tap: the pooled map
 
     def forward(self, x):
         x = self.layer3(self.layer2(self.layer1(self.relu(self.bn1(self.conv1(x))))))
@@ -158,6 +159,7 @@ class WideResNet(nn.Module):
         self.fc = nn.Linear(widths[-1], num_classes)
         _init(self, linear_bias_zero=True)
         self.stages = ("conv1", "block1", "block2", "block3")
+        self.classifier_path = "fc"  # the embedding tap: the pooled ReLU(BN(block3))
 
     def forward(self, x):
         x = self.block3(self.block2(self.block1(self.conv1(x))))
@@ -197,6 +199,7 @@ class VGG(nn.Module):
         self.classifier = nn.Linear(cin, num_classes)
         _init(self, linear_std=0.01, linear_bias_zero=True)
         self.stages = tuple(f"block{i}" for i in range(5))
+        self.classifier_path = "classifier"  # the embedding tap: the pooled map
 
     def forward(self, x):
         x = self.pool(self.block0(x))

@@ -35,6 +35,7 @@ class ConvNet(nn.Module):
         self.blocks = nn.Sequential(*layers)
         self.head = nn.Linear(width * math.prod(size), num_classes)
         self.stages = tuple(f"blocks.{i}" for i in range(depth))
+        self.classifier_path = "head"  # the ``embedding`` tap: the flattened last block
 
     def forward(self, x):
         return self.head(self.blocks(x).flatten(1))

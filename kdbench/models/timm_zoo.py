@@ -42,6 +42,7 @@ def _timm_resnet(arch: str, num_classes: int, in_shape: tuple[int, ...], **kwarg
 
     model = timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_shape[0], **kwargs)
     model.stages = STAGES
+    model.classifier_path = "fc"
     return model
 
 
