@@ -48,6 +48,7 @@ class Suite(pydantic.BaseModel):
     description: str = ""
     seeds: tuple[int, ...] = Field(min_length=1)
     all_methods: bool = False  # every registered method runs (with the overrides below where given)
+    excluded: dict[str, str] = {}  # methods all_methods leaves out, each with the reason (e.g. it needs feature maps)
     methods: dict[str, dict] = {}
     measure: MeasureConfig = MeasureConfig()
     tracks: dict[str, TrackSpec] = Field(min_length=1)
@@ -87,7 +88,7 @@ def _check_names(suite: Suite, path: Path) -> None:
             for model in (pair.teacher, pair.student):
                 if model not in MODELS:
                     raise KdbenchError(f"{path}: {unknown_name_message('model', model, MODELS.names())}")
-        for method in [*suite.methods, *spec.methods, *(m for p in spec.pairs for m in p.methods)]:
+        for method in [*suite.methods, *suite.excluded, *spec.methods, *(m for p in spec.pairs for m in p.methods)]:
             if method not in METHODS:
                 raise KdbenchError(f"{path}: {unknown_name_message('method', method, METHODS.names())}")
 
@@ -120,7 +121,8 @@ def expand(
     for name in pairs or ():
         if name not in all_pairs:
             raise KdbenchError(f"suite {suite.name}: " + unknown_name_message("pair", name, all_pairs))
-    method_names = methods or (METHODS.names() if suite.all_methods else list(suite.methods))
+    method_names = methods or ([n for n in METHODS.names() if n not in suite.excluded] if suite.all_methods
+                               else list(suite.methods))
     specs = []
     for track, tspec in suite.tracks.items():
         if tracks and track not in tracks:

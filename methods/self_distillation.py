@@ -9,8 +9,10 @@ feature loss, weight 1 on the deepest CE) and is not followed.
 
 Formula (as in the reference's ``train.py``; the paper's §3 names the same three sources: CE from the labels,
 KL to the deepest classifier, L2 hints to its feature). Auxiliary heads sit on the student stages
-i ∈ ``stages``; the deepest classifier is the student's own output z_C, its feature F_C = GAP(stage:-1)
-(global average pooling over length or height × width). Head i: F_i = GAP(bottleneck_i(stage_i)) ∈ R^{C_deep},
+i ∈ ``stages``; the deepest classifier is the student's own output z_C, its feature F_C the input of that
+classifier (the ``embedding`` tap) where it is the globally average-pooled deepest map, as on the CIFAR zoo
+(ResNet, VGG, and WRN, whose classifier reads GAP of the final BN–ReLU of ``stage:-1``); otherwise
+F_C = GAP(stage:-1) (global average pooling over length or height × width). Head i: F_i = GAP(bottleneck_i(stage_i)) ∈ R^{C_deep},
 q_i = Linear(F_i). With sg = stop-gradient (both the unofficial and the authors' code detach the deepest logits
 and feature):
 
@@ -41,8 +43,11 @@ Deviations:
   logged value is lower by the (detached) entropy term.
 - The hint is a plain squared error; the reference masks it to entries where F_i > 0 or F_C > 0, which changes
   nothing for the non-negative (post-ReLU) features compared here but would for signed features.
-- F_C pools the last stage's output; the reference pools the input of its classifier (the same for a ResNet,
-  while cnn1d's classifier reads the flattened, unpooled map). Head convolutions have no bias (BN follows).
+- On models whose classifier reads the flattened, unpooled map (the CPU tracks' cnn1d_* and cnn2d_*), F_C is
+  GAP(stage:-1), the pooled form of the classifier's input, since the heads end in GAP. Head convolutions have no
+  bias (BN follows). Before F_C was taken from the classifier's input, WRN students pooled the raw residual sum
+  ``stage:-1`` instead (before the final BN–ReLU); the loss on every other model, the CPU tracks' included, is
+  unchanged, so the version stays 1.
 - Transformer hidden states (L, H) (taps with a ``mask``, kdbench.taps): the head is applied per token,
   Linear(H_i, m) → GELU → Linear(m, H_deep) with m = max(1, H_deep // 4) (the bottleneck's widths, with the
   transformer's own activation, no batch norm, and no final ReLU since hidden states are signed), and GAP
@@ -139,6 +144,8 @@ class SelfDistillation(Method):
         head = token_head if self.tokens else bottleneck
         self.bottlenecks = nn.ModuleList(head(student_shapes[tap], deep_shape) for tap in self.stage_taps(config))
         width = deep_shape[-1] if self.tokens else deep_shape[0]
+        # F_C is the classifier's input where that is the pooled deepest map (the CIFAR zoo), else GAP(stage:-1)
+        self.deep_is_embedding = not self.tokens and student_shapes["embedding"] == (width,)
         self.classifiers = nn.ModuleList(nn.Linear(width, num_classes) for _ in config.stages)
 
     @staticmethod
@@ -147,13 +154,16 @@ class SelfDistillation(Method):
 
     @classmethod
     def taps(cls, config):
-        return ("logits", *cls.stage_taps(config), "stage:-1"), ()
+        return ("logits", *cls.stage_taps(config), "stage:-1", "embedding"), ()
 
     def loss(self, student, teacher, target, progress):
         c = self.config
         z_deep = student["logits"]
         pool = (lambda f: token_mean(f, student[MASK])) if self.tokens else (lambda f: f)
-        deep = token_mean(student["stage:-1"], student[MASK]) if self.tokens else global_pool(student["stage:-1"])
+        if self.tokens:
+            deep = token_mean(student["stage:-1"], student[MASK])
+        else:
+            deep = student["embedding"] if self.deep_is_embedding else global_pool(student["stage:-1"])
         teacher_logits, teacher_feature = z_deep.detach(), deep.detach()
         aux_ce = kd = hint = z_deep.new_zeros(())
         for tap, head, classifier in zip(self.stage_taps(c), self.bottlenecks, self.classifiers):

@@ -7,14 +7,15 @@ import torch
 
 from kdbench.config import TrainConfig
 from kdbench.errors import KdbenchError
-from kdbench.taps import probe_shapes
+from kdbench.taps import FeatureTaps, probe_shapes
 from kdbench.method import METHODS, validate_config
 from kdbench.models import create_model
 from kdbench.tracks import Split, TrackData
 from kdbench.train import fit
 
-SHAPES_1D = {"logits": (3,), "stage:0": (4, 8), "stage:1": (6, 4), "stage:-1": (8, 2)}
-SHAPES_2D = {"logits": (3,), "stage:0": (4, 8, 8), "stage:1": (6, 4, 4), "stage:-1": (8, 2, 2)}
+# The embedding (the classifier's input) is the flattened deepest map, as on the CPU tracks' convnets.
+SHAPES_1D = {"logits": (3,), "stage:0": (4, 8), "stage:1": (6, 4), "stage:-1": (8, 2), "embedding": (16,)}
+SHAPES_2D = {"logits": (3,), "stage:0": (4, 8, 8), "stage:1": (6, 4, 4), "stage:-1": (8, 2, 2), "embedding": (32,)}
 
 
 def make(shapes, **overrides):
@@ -89,7 +90,28 @@ def test_the_deepest_classifier_and_feature_are_detached_targets():
 def test_taps_and_no_teacher():
     cls = METHODS.get("self_distillation")
     assert cls.needs_teacher is False
-    assert cls.taps(cls.Config(stages=(1,))) == (("logits", "stage:1", "stage:-1"), ())
+    assert cls.taps(cls.Config(stages=(1,))) == (("logits", "stage:1", "stage:-1", "embedding"), ())
+
+
+@pytest.mark.parametrize("name", ["wrn_16_2", "resnet8x4", "vgg8"])
+def test_the_deepest_feature_is_the_classifier_input_on_the_zoo(name):
+    """BYOT's F_C is what the deepest classifier reads: on a WRN that is GAP(ReLU(BN(stage:-1))), not GAP(stage:-1)."""
+    torch.manual_seed(0)
+    student, x = create_model(name).eval(), torch.randn(2, 3, 32, 32)
+    cls = METHODS.get("self_distillation")
+    config = cls.Config(stages=(1,), hint_weight=1.0)
+    taps = cls.taps(config)[0]
+    method = cls(config, probe_shapes(student, taps, x), {})
+    assert method.deep_is_embedding
+    with torch.no_grad():
+        out = FeatureTaps(student, taps)(x)
+        feature = method.bottlenecks[0](out["stage:1"])
+        hint = method.loss(out, None, torch.tensor([0, 1]), 0.0)["hint"]
+        head = student.classifier if name.startswith("vgg") else student.fc
+        torch.testing.assert_close(head(out["embedding"]), out["logits"])
+        assert hint.item() == pytest.approx((feature - out["embedding"]).pow(2).sum().item(), rel=1e-5)
+        if name.startswith("wrn"):
+            assert hint.item() != pytest.approx((feature - out["stage:-1"].mean((2, 3))).pow(2).sum().item(), rel=1e-3)
 
 
 def test_heads_stay_outside_the_student():
@@ -110,7 +132,7 @@ def test_a_stage_the_model_lacks_is_a_clear_error():
 
 def test_flat_features_are_refused():
     with pytest.raises(KdbenchError, match=r"\(C, L\) or \(C, H, W\)"):
-        make({"logits": (3,), "stage:0": (16,), "stage:1": (16,), "stage:-1": (16,)})
+        make({"logits": (3,), "stage:0": (16,), "stage:1": (16,), "stage:-1": (16,), "embedding": (16,)})
 
 
 @pytest.mark.parametrize(
