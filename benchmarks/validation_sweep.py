@@ -37,6 +37,18 @@ GRID = {
     "attention_transfer": [{"beta": b} for b in (1.0, 10.0, 100.0, 1000.0)],
     "adversarial": [{"adv_weight": w} for w in (0.1, 1.0)],
     "self_distillation": [{"alpha": a} for a in (0.1, 0.3)],
+    # the methods of issue 16: each from its reference default down by decades of its distillation weight
+    "vanilla_kd+ls": [{"temperature": t} for t in (1.0, 2.0, 4.0)],
+    "dkd": [{"beta": b} for b in (1.0, 2.0, 8.0)],
+    "dkd+ls": [{"alpha": a, "beta": 8.0 * a} for a in (1.0, 9.0)],
+    "dist": [{"beta": w, "gamma": w} for w in (1.0, 2.0)],
+    "sp": [{"beta": b} for b in (30.0, 300.0, 3000.0)],
+    "pkt": [{"beta": b} for b in (300.0, 3000.0, 30000.0)],
+    "rkd": [{"distance_weight": 25.0 * s, "angle_weight": 50.0 * s} for s in (0.1, 1.0)],
+    "crd": [{"nce_k": k, "crd_weight": w} for k in (1024, 4096) for w in (0.8,)] + [{"nce_k": 1024, "crd_weight": 0.2}],
+    "review_kd": [{"review_weight": w} for w in (0.6, 1.0, 5.0)],
+    "nst": [{"beta": b} for b in (0.5, 5.0, 50.0)],
+    "vid": [{"beta": b} for b in (0.1, 1.0)],
 }
 
 
