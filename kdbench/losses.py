@@ -20,3 +20,10 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     log_p_s = F.log_softmax(student_logits / temperature, dim=1)
     log_p_t = F.log_softmax(teacher_logits / temperature, dim=1)
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * temperature**2
+
+
+def pooled_to(feature: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """Adaptive average pooling of the positions to ``size`` (1-D or 2-D); unchanged if already that size."""
+    if tuple(feature.shape[2:]) == size:
+        return feature
+    return getattr(F, f"adaptive_avg_pool{len(size)}d")(feature, size)

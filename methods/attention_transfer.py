@@ -67,6 +67,7 @@ from pydantic import Field, model_serializer, model_validator
 
 from kdbench.errors import KdbenchError
 from kdbench.taps import MASK, is_token_sequence, real_token_mean
+from kdbench.losses import pooled_to
 from kdbench.method import Method, MethodConfig, register_method
 
 ATTENTION_DEFAULTS = {"stages": (-1,), "beta": 1.0}  # maps: attention (MiniLM: last layer, weight 1)
@@ -107,13 +108,6 @@ def stage_taps(config: AttentionTransferConfig) -> tuple[str, ...]:
 def attention_map(feature: torch.Tensor, p: float) -> torch.Tensor:
     """(B, C, *positions) → (B, positions): mean over channels of |A|^p, flattened, L2-normalised per sample."""
     return F.normalize(feature.abs().pow(p).mean(1).flatten(1), dim=1)
-
-
-def pooled_to(feature: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
-    """Adaptive average pooling of the positions to ``size`` (1-D or 2-D); unchanged if already that size."""
-    if tuple(feature.shape[2:]) == size:
-        return feature
-    return getattr(F, f"adaptive_avg_pool{len(size)}d")(feature, size)
 
 
 def at_loss(f_s: torch.Tensor, f_t: torch.Tensor, p: float) -> torch.Tensor:

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from kdbench.errors import KdbenchError
+from kdbench.losses import pooled_to
 from kdbench.method import Method, MethodConfig, register_method
 from kdbench.taps import MASK, is_token_sequence
 
@@ -68,13 +69,6 @@ def stage_taps(config: NSTConfig) -> tuple[str, ...]:
     return tuple(f"stage:{i}" for i in config.stages)
 
 
-def _pooled_to(feature: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
-    """Adaptive average pooling of the positions to ``size`` (1-D or 2-D); unchanged if already that size."""
-    if tuple(feature.shape[2:]) == size:
-        return feature
-    return getattr(F, f"adaptive_avg_pool{len(size)}d")(feature, size)
-
-
 def _poly_kernel_mean(a: torch.Tensor, b: torch.Tensor, degree: int, offset: float) -> torch.Tensor:
     """Mean over batch and both row axes of (a_j · b_i + c)^d; ``a`` (B, C_a, N), ``b`` (B, C_b, N)."""
     gram = torch.bmm(a, b.transpose(1, 2))
@@ -91,7 +85,7 @@ def _mmd2(rows_s: torch.Tensor, rows_t: torch.Tensor, degree: int, offset: float
 def nst_loss(f_s: torch.Tensor, f_t: torch.Tensor, degree: int, offset: float) -> torch.Tensor:
     """MMD² of feature maps (B, C, *positions), the larger map pooled to the smaller spatial size first."""
     size = tuple(min(s, t) for s, t in zip(f_s.shape[2:], f_t.shape[2:]))
-    return _mmd2(_pooled_to(f_s, size).flatten(2), _pooled_to(f_t, size).flatten(2), degree, offset)
+    return _mmd2(pooled_to(f_s, size).flatten(2), pooled_to(f_t, size).flatten(2), degree, offset)
 
 
 def token_nst_loss(h_s: torch.Tensor, h_t: torch.Tensor, mask: torch.Tensor, degree: int,

@@ -58,6 +58,7 @@ from pydantic import Field
 from torch import nn
 
 from kdbench.errors import KdbenchError
+from kdbench.losses import pooled_to
 from kdbench.method import Method, MethodConfig, register_method
 from kdbench.taps import MASK, is_token_sequence, real_token_mean
 
@@ -89,13 +90,6 @@ def stage_taps(config: VIDConfig) -> tuple[str, ...]:
 def _inverse_softplus(y: float) -> float:
     """α with log(1 + exp(α)) = y > 0, computed stably: y + log(1 − exp(−y))."""
     return y + math.log(-math.expm1(-y))
-
-
-def _pooled_to(feature: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
-    """Adaptive average pooling of the positions to ``size`` (1-D or 2-D); unchanged if already that size."""
-    if tuple(feature.shape[2:]) == size:
-        return feature
-    return getattr(F, f"adaptive_avg_pool{len(size)}d")(feature, size)
 
 
 class VariationalRegressor(nn.Module):
@@ -165,7 +159,7 @@ class VID(Method):
                 total = total + real_token_mean(regressor.nll(s, t, -1).mean(-1), student[MASK])
             else:
                 size = tuple(min(a, b) for a, b in zip(s.shape[2:], t.shape[2:]))
-                total = total + regressor.nll(_pooled_to(s, size), _pooled_to(t, size), 1).mean()
+                total = total + regressor.nll(pooled_to(s, size), pooled_to(t, size), 1).mean()
         return total
 
     def loss(self, student, teacher, target, progress):
