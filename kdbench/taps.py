@@ -133,12 +133,12 @@ class FeatureTaps:
         """The taps on ``x``; ``index``: the samples' positions in the training split, for the ``index`` tap."""
         self._captured = {}
         logits = self.model(x)
-        mask = {} if self._token_mask is None else {MASK: self._token_mask(x)}
+        given = {} if self._token_mask is None else {MASK: self._token_mask(x)}
         if self._wants_index:
             if index is None:
                 raise KdbenchError("tap 'index': these samples have no positions in a training split")
-            mask[INDEX] = index
-        return {"logits": logits, **self._captured, **mask}
+            given[INDEX] = index
+        return {"logits": logits, **self._captured, **given}
 
     def remove(self) -> None:
         for handle in self._handles:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import textwrap
+from types import SimpleNamespace
 
 import pytest
 
@@ -24,6 +25,63 @@ tracks:
 
 
 CLEAN_COMMIT = "0" * 40
+
+# Teacher/student pairs of the CRD benchmark's CIFAR-100 zoo (kdbench.models.cifar).
+CRD_PAIRS = [("resnet32x4", "resnet8x4"), ("wrn_40_2", "wrn_16_2"), ("resnet56", "resnet20"), ("vgg13", "vgg8")]
+
+
+def zoo_step(name, teacher_name, student_name, labels, *, train_size, progress, index=None, config=None,
+             freeze_teacher=True):
+    """One loss evaluation of method ``name`` on a CRD-zoo pair, as the trainer does it (no backward pass).
+
+    Seeds 0, creates the teacher (eval mode; frozen unless ``freeze_teacher=False``) and the student, draws images
+    x (len(labels), 3, 32, 32), builds the method from the probed tap shapes (``train_size`` for the ``index`` tap),
+    takes the teacher's taps under no_grad and calls ``method.loss(student taps, teacher taps, y, progress)``.
+    ``index``: the samples' positions in the training split (default 0 … B-1); ``config``: overrides of the
+    method's defaults (default: ``cls.Config()``). Returns every intermediate object in a namespace."""
+    import torch
+
+    from kdbench.method import METHODS, validate_config
+    from kdbench.models import create_model
+    from kdbench.taps import FeatureTaps, probe_shapes
+
+    torch.manual_seed(0)
+    teacher, student = create_model(teacher_name).eval(), create_model(student_name)
+    if freeze_teacher:
+        teacher.requires_grad_(False)
+    x, y = torch.randn(len(labels), 3, 32, 32), torch.tensor(labels)
+    index = torch.arange(len(labels)) if index is None else torch.tensor(index)
+    cls = METHODS.get(name)
+    config = cls.Config() if config is None else validate_config(cls, config)
+    s_taps, t_taps = cls.taps(config)
+    s_shapes, t_shapes = probe_shapes(student, s_taps, x, train_size), probe_shapes(teacher, t_taps, x, train_size)
+    method = cls(config, s_shapes, t_shapes)
+    with torch.no_grad():
+        t_out = FeatureTaps(teacher, t_taps)(x, index)
+    s_out = FeatureTaps(student, s_taps)(x, index)
+    terms = method.loss(s_out, t_out, y, progress)
+    return SimpleNamespace(teacher=teacher, student=student, method=method, config=config, x=x, y=y, index=index,
+                           s_taps=s_taps, t_taps=t_taps, s_shapes=s_shapes, t_shapes=t_shapes, s_out=s_out,
+                           t_out=t_out, terms=terms)
+
+
+def embedding_method(name, s_dim, t_dim, **overrides):
+    """Method ``name`` built on a 3-class ``logits`` tap and an ``embedding`` tap of s_dim / t_dim features."""
+    from kdbench.method import METHODS, validate_config
+
+    cls = METHODS.get(name)
+    shapes = lambda d: {"logits": (3,), "embedding": (d,)}  # noqa: E731
+    return cls(validate_config(cls, overrides), shapes(s_dim), shapes(t_dim))
+
+
+def embedding_step(method, f_s, f_t, logits=None, y=None):
+    """The loss terms of an ``embedding_method`` on embeddings f_s, f_t (logits and labels zero unless given)."""
+    import torch
+
+    b = f_s.shape[0]
+    logits = torch.zeros(b, 3, dtype=f_s.dtype) if logits is None else logits
+    y = torch.zeros(b, dtype=torch.long) if y is None else y
+    return method.loss({"logits": logits, "embedding": f_s}, {"logits": logits, "embedding": f_t}, y, 0.0)
 
 
 @pytest.fixture(scope="session")

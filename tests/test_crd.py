@@ -12,7 +12,9 @@ from kdbench.errors import KdbenchError
 from kdbench.losses import kd_loss
 from kdbench.method import METHODS, validate_config
 from kdbench.models import create_model
-from kdbench.taps import FeatureTaps, probe_shapes
+from kdbench.taps import probe_shapes
+
+from conftest import CRD_PAIRS, zoo_step
 
 EPS = 1e-7
 
@@ -390,22 +392,12 @@ def test_embedding_must_be_a_vector():
 # --- the CRD zoo (CIFAR-100 models)
 
 
-@pytest.mark.parametrize("teacher_name, student_name",
-                         [("resnet32x4", "resnet8x4"), ("wrn_40_2", "wrn_16_2"), ("resnet56", "resnet20"),
-                          ("vgg13", "vgg8")])
+@pytest.mark.parametrize("teacher_name, student_name", CRD_PAIRS)
 def test_builds_and_steps_on_the_crd_zoo(teacher_name, student_name):
-    torch.manual_seed(0)
-    teacher, student = create_model(teacher_name), create_model(student_name)
-    x, y, index = torch.randn(2, 3, 32, 32), torch.tensor([5, 99]), torch.tensor([7, 41])
-    cls = METHODS.get("crd")
-    config = cls.Config()
-    s_taps, t_taps = cls.taps(config)
-    method = cls(config, probe_shapes(student, s_taps, x, 50), probe_shapes(teacher, t_taps, x, 50))
+    # the teacher's taps have no 'index', so the index given to them is not used (the test gave none before)
+    run = zoo_step("crd", teacher_name, student_name, [5, 99], index=[7, 41], train_size=50, progress=0.0)
+    student, method, terms, index = run.student, run.method, run.terms, run.index
     assert method.k == 49 and method.memory_s.shape == (50, 128)
-    teacher.eval().requires_grad_(False)
-    with torch.no_grad():
-        t_out = FeatureTaps(teacher, t_taps)(x)
-    terms = method.loss(FeatureTaps(student, s_taps)(x, index), t_out, y, 0.0)
     total = sum(terms.values())
     assert torch.isfinite(total)
     total.backward()

@@ -10,10 +10,8 @@ import torch.nn.functional as F
 
 from kdbench.errors import KdbenchError
 from kdbench.method import METHODS, validate_config
-from kdbench.models import create_model
-from kdbench.taps import FeatureTaps, probe_shapes
 
-CRD_PAIRS = [("resnet32x4", "resnet8x4"), ("wrn_40_2", "wrn_16_2"), ("resnet56", "resnet20"), ("vgg13", "vgg8")]
+from conftest import CRD_PAIRS, zoo_step
 
 
 def build(name="dkd", **overrides):
@@ -219,17 +217,8 @@ def test_bad_hyperparameters_name_the_field(field, value):
 @pytest.mark.parametrize("name", ["dkd", "dkd+ls"])
 @pytest.mark.parametrize("teacher_name, student_name", CRD_PAIRS)
 def test_one_step_on_the_crd_zoo(name, teacher_name, student_name):
-    torch.manual_seed(0)
-    teacher, student = create_model(teacher_name), create_model(student_name)
-    teacher.requires_grad_(False).eval()
-    x, y, index = torch.randn(3, 3, 32, 32), torch.tensor([0, 57, 99]), torch.arange(3)
-    cls = METHODS.get(name)
-    config = cls.Config()
-    s_taps, t_taps = cls.taps(config)
-    method = cls(config, probe_shapes(student, s_taps, x, 50000), probe_shapes(teacher, t_taps, x, 50000))
-    with torch.no_grad():
-        t_out = FeatureTaps(teacher, t_taps)(x, index)
-    terms = method.loss(FeatureTaps(student, s_taps)(x, index), t_out, y, 0.5)
+    run = zoo_step(name, teacher_name, student_name, [0, 57, 99], train_size=50000, progress=0.5)
+    student, terms = run.student, run.terms
     total = sum(terms.values())
     assert torch.isfinite(total) and terms["nckd"].item() > 0
     total.backward()

@@ -9,10 +9,9 @@ import torch
 
 from kdbench.errors import KdbenchError
 from kdbench.method import METHODS, validate_config
-from kdbench.models import create_model
-from kdbench.taps import MASK, FeatureTaps, probe_shapes
+from kdbench.taps import MASK
 
-CRD_PAIRS = [("resnet32x4", "resnet8x4"), ("wrn_40_2", "wrn_16_2"), ("resnet56", "resnet20"), ("vgg13", "vgg8")]
+from conftest import CRD_PAIRS, zoo_step
 
 
 def build(s_shapes: dict, t_shapes: dict, **overrides):
@@ -230,16 +229,8 @@ def test_hidden_states_need_the_same_length():
 
 @pytest.mark.parametrize("teacher_name, student_name", CRD_PAIRS)
 def test_one_step_on_the_crd_zoo(teacher_name, student_name):
-    torch.manual_seed(0)
-    teacher, student = create_model(teacher_name).eval(), create_model(student_name)
-    x, y = torch.randn(2, 3, 32, 32), torch.tensor([3, 7])
-    cls = METHODS.get("nst")
-    config = cls.Config()
-    s_taps, t_taps = cls.taps(config)
-    method = cls(config, probe_shapes(student, s_taps, x, 10), probe_shapes(teacher, t_taps, x, 10))
-    with torch.no_grad():
-        t_out = FeatureTaps(teacher, t_taps)(x, torch.arange(2))
-    terms = method.loss(FeatureTaps(student, s_taps)(x, torch.arange(2)), t_out, y, 0.0)
+    run = zoo_step("nst", teacher_name, student_name, [3, 7], train_size=10, progress=0.0, freeze_teacher=False)
+    student, terms = run.student, run.terms
     assert all(torch.isfinite(t) for t in terms.values()) and terms["nst"].item() > 0
     terms["nst"].backward()  # the NST term alone reaches the student's earliest matched stage
     first = student.get_submodule(student.stages[-3])

@@ -4,30 +4,20 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
 
 from kdbench.errors import KdbenchError
 from kdbench.method import METHODS, validate_config
-from kdbench.models import create_model
-from kdbench.taps import MASK, FeatureTaps, probe_shapes
+from kdbench.taps import MASK
 
-CRD_PAIRS = [("resnet32x4", "resnet8x4"), ("wrn_40_2", "wrn_16_2"), ("resnet56", "resnet20"), ("vgg13", "vgg8")]
+from conftest import CRD_PAIRS, embedding_method, zoo_step
+from conftest import embedding_step as step
+
 EPS = 1e-7
-
-
-def build(s_dim: int, t_dim: int, **overrides):
-    cls = METHODS.get("pkt")
-    shapes = lambda d: {"logits": (3,), "embedding": (d,)}  # noqa: E731
-    return cls(validate_config(cls, overrides), shapes(s_dim), shapes(t_dim))
-
-
-def step(method, f_s, f_t, logits=None, y=None):
-    b = f_s.shape[0]
-    logits = torch.zeros(b, 3, dtype=f_s.dtype) if logits is None else logits
-    y = torch.zeros(b, dtype=torch.long) if y is None else y
-    return method.loss({"logits": logits, "embedding": f_s}, {"logits": logits, "embedding": f_t}, y, 0.0)
+build = partial(embedding_method, "pkt")  # build(s_dim, t_dim, **overrides)
 
 
 def python_pkt(f_s: list[list[float]], f_t: list[list[float]]) -> float:
@@ -142,19 +132,9 @@ def test_bad_hyperparameters_name_the_field(field, value):
 
 @pytest.mark.parametrize("teacher_name, student_name", CRD_PAIRS)
 def test_one_step_on_the_crd_zoo(teacher_name, student_name):
-    torch.manual_seed(0)
-    teacher, student = create_model(teacher_name), create_model(student_name)
-    x, y, index = torch.randn(3, 3, 32, 32), torch.tensor([0, 5, 99]), torch.arange(3)
-    cls = METHODS.get("pkt")
-    config = cls.Config()
-    s_taps, t_taps = cls.taps(config)
-    s_shapes, t_shapes = probe_shapes(student, s_taps, x, 100), probe_shapes(teacher, t_taps, x, 100)
-    assert len(s_shapes["embedding"]) == 1
-    method = cls(config, s_shapes, t_shapes)
-    teacher.eval().requires_grad_(False)
-    with torch.no_grad():
-        t_out = FeatureTaps(teacher, t_taps)(x, index)
-    terms = method.loss(FeatureTaps(student, s_taps)(x, index), t_out, y, 0.5)
+    run = zoo_step("pkt", teacher_name, student_name, [0, 5, 99], train_size=100, progress=0.5)
+    student, terms = run.student, run.terms
+    assert len(run.s_shapes["embedding"]) == 1
     total = sum(terms.values())
     assert torch.isfinite(total) and terms["pkt"].item() > 0
     total.backward()

@@ -12,7 +12,9 @@ from torch import nn
 from kdbench.errors import KdbenchError
 from kdbench.method import METHODS, validate_config
 from kdbench.models import create_model
-from kdbench.taps import FeatureTaps, probe_shapes, resolve_tap
+from kdbench.taps import probe_shapes, resolve_tap
+
+from conftest import CRD_PAIRS, zoo_step
 
 NAME = "review_kd"
 
@@ -352,25 +354,13 @@ def test_cpu_convnet_defaults():
     assert {abf.conv1[0].out_channels for abf in method.abfs} == {8}
 
 
-CRD_PAIRS = [("resnet32x4", "resnet8x4"), ("wrn_40_2", "wrn_16_2"), ("resnet56", "resnet20"), ("vgg13", "vgg8")]
-
-
 @pytest.mark.parametrize("teacher_name, student_name", CRD_PAIRS)
 def test_builds_and_steps_on_the_crd_zoo(teacher_name, student_name):
-    torch.manual_seed(0)
-    teacher, student = create_model(teacher_name), create_model(student_name)
-    x, y, index = torch.randn(2, 3, 32, 32), torch.tensor([3, 7]), torch.arange(2)
-    cls = METHODS.get(NAME)
-    config = cls.Config()
-    s_taps, t_taps = cls.taps(config)
-    s_shapes, t_shapes = probe_shapes(student, s_taps, x, 100), probe_shapes(teacher, t_taps, x, 100)
-    method = cls(config, s_shapes, t_shapes)
+    run = zoo_step(NAME, teacher_name, student_name, [3, 7], train_size=100, progress=0.5)
+    teacher, student, method, terms = run.teacher, run.student, run.method, run.terms
+    t_taps, t_shapes = run.t_taps, run.t_shapes
     assert len(method.abfs) == 4
     assert [abf.conv2[0].out_channels for abf in method.abfs] == [t_shapes[t][0] for t in t_taps[1:]]
-    teacher.eval().requires_grad_(False)
-    with torch.no_grad():
-        t_out = FeatureTaps(teacher, t_taps)(x, index)
-    terms = method.loss(FeatureTaps(student, s_taps)(x, index), t_out, y, 0.5)
     assert set(terms) == {"ce", "review"} and all(torch.isfinite(v) for v in terms.values())
     terms["review"].backward()  # the review term alone reaches the student's shallowest reviewed stage
     first = resolve_tap(student, "stage:-3")
