@@ -181,7 +181,7 @@ def cmd_reproduce(args) -> int:
 
     from kdbench.distributed import launched_world_size
     from kdbench.executor import auto_workers
-    from kdbench.reproduce import check_scratch, cold_home, reproduce, row_verdicts
+    from kdbench.reproduce import check_scratch, cold_home, reproduce, row_verdicts, split_unrun_rows
     from kdbench.runner import preflight
     from kdbench.suite import expand, load_suite, parse_seeds
 
@@ -190,10 +190,16 @@ def cmd_reproduce(args) -> int:
     suite = load_suite(args.suite)
     seeds = parse_seeds(args.seeds) if args.seeds else None
     specs = expand(suite, _split_list(args.method), _split_list(args.track), _split_list(args.pair), seeds)
-    place = _context(args, suite.tier)
-    workers = auto_workers(specs, place) if args.workers == "auto" else _positive(args.workers, "--workers")
     if args.scratch:
         check_scratch(Path(args.scratch))
+    specs, unrun = split_unrun_rows(specs, Path(args.results_dir))
+    if unrun:
+        print(f"{len(unrun)} row(s) have no committed records under {args.results_dir} yet, so nothing to reproduce "
+              f"(`kdbench run` adds them): {', '.join(unrun)}", file=sys.stderr)
+    if not specs:
+        raise KdbenchError(f"no run of the selection has a committed record under {args.results_dir}")
+    place = _context(args, suite.tier)
+    workers = auto_workers(specs, place) if args.workers == "auto" else _positive(args.workers, "--workers")
     scratch = Path(args.scratch or tempfile.mkdtemp(prefix="kdbench-reproduce-")).resolve()
     log = (lambda msg: print(msg, file=sys.stderr, flush=True))
     try:

@@ -75,11 +75,28 @@ def check_scratch(scratch: Path) -> None:
                            "cache starts cold")
 
 
+def _check_results_dir(results_dir: Path) -> None:
+    if not Path(results_dir).is_dir():
+        raise KdbenchError(f"--results-dir {results_dir} is not a folder: nothing to compare the runs with")
+
+
+def split_unrun_rows(specs: list[RunSpec], results_dir: Path) -> tuple[list[RunSpec], list[str]]:
+    """(the runs of rows that have committed records, the rows that have none yet): a method added to the
+    suite but not run yet has nothing to reproduce, while a row missing some of its records still fails."""
+    _check_results_dir(results_dir)
+
+    def has_records(spec: RunSpec) -> bool:
+        return any(record_path(results_dir, spec).parent.glob("seed*.json"))
+
+    kept = [spec for spec in specs if has_records(spec)]
+    unrun = sorted({f"{s.track} {s.pair} {s.method}" for s in specs if not has_records(s)})
+    return kept, unrun
+
+
 def committed_records(specs: list[RunSpec], results_dir: Path) -> dict[Path, dict | None]:
     """The committed record of each run (by its path under ``results_dir``) as its JSON file holds it, None
     where there is none; a damaged one fails here, before anything trains."""
-    if not Path(results_dir).is_dir():
-        raise KdbenchError(f"--results-dir {results_dir} is not a folder: nothing to compare the runs with")
+    _check_results_dir(results_dir)
     out = {}
     for spec in specs:
         path = record_path(results_dir, spec)

@@ -189,3 +189,17 @@ def test_verify_prints_rounded_numbers_and_compares_predictions(finished_run, tm
     (preds,) = [line for line in out.splitlines() if line.startswith("predictions")]
     assert preds.split()[-1] == "MISMATCH"
     assert "2 metric(s) differ" in out
+
+
+def test_a_row_without_committed_records_is_named_not_retrained(finished_run, tmp_path, capsys):
+    """A method the suite runs but nobody has run yet has nothing to reproduce; the rows that have records do."""
+    results = tmp_path / "results"
+    shutil.copytree(finished_run / "results", results)
+    shutil.rmtree(results / "tiny" / "mnist1d" / "cnn1d_w8--cnn1d_w4" / "vanilla_kd")
+    code = main(["reproduce", "--suite", str(finished_run / "tiny.yaml"), "--results-dir", str(results),
+                 "--seeds", "0", "--scratch", str(tmp_path / "scratch")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "1 row(s) have no committed records" in err and "mnist1d cnn1d_w8:cnn1d_w4 vanilla_kd" in err
+    assert out.strip().splitlines()[-1] == "1/1 records reproduced bit-exactly"
+    assert not list((tmp_path / "scratch" / "results").rglob("vanilla_kd"))
