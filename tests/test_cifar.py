@@ -129,6 +129,17 @@ def test_crd_protocol_in_the_full_suite():
     assert (spec.method_config["ce_weight"], spec.method_config["kd_weight"]) == (0.1, 0.9)
 
 
+def test_per_pair_settings_of_the_references():
+    """VGG's feat[1:-1] is four stages; DKD, DKD+LS and ReviewKD take their references' per-pair settings."""
+    specs = {(s.student, s.method): s.method_config for s in expand(load_suite("cifar100"), seeds=(0,))}
+    for method in ("attention_transfer", "nst", "vid", "review_kd"):
+        assert specs["vgg8", method]["stages"] == [1, 2, 3, 4] and specs["resnet20", method]["stages"] == [-3, -2, -1]
+    assert [specs[s, "dkd"]["beta"] for s in ("resnet8x4", "wrn_16_2", "resnet20", "vgg8")] == [8.0, 6.0, 2.0, 6.0]
+    ls = specs["resnet20", "dkd+ls"]
+    assert (ls["temperature"], ls["alpha"], ls["beta"], ls["logit_standardization"]) == (3.0, 18.0, 36.0, True)
+    assert [specs[s, "review_kd"]["review_weight"] for s in ("resnet8x4", "resnet20")] == [5.0, 0.6]
+
+
 @pytest.mark.parametrize(("suite", "methods", "params"), [
     ("cifar100-smoke", [], 278_324),  # every method; resnet20 at 100 classes
     ("cifar10-smoke", ["--method", "vanilla_kd"], 272_474),  # resnet20 at 10 classes
