@@ -23,7 +23,8 @@ from kdbench.taps import FeatureTaps
 from kdbench.metrics import forward_times, predict, top1
 from kdbench.method import METHODS
 from kdbench.models import create_model
-from kdbench.runner import Placement, _build_methods, deterministic, track_data
+from kdbench.runner import Placement, deterministic, track_data
+from kdbench.sources import build_methods
 from kdbench.suite import expand, load_suite
 from kdbench.teachers import cached_teacher_outputs, load_or_train_teacher
 from kdbench.tracks import Split, TrackData
@@ -55,7 +56,7 @@ def setup():
 def _fresh(spec, data, teacher):
     torch.manual_seed(spec.seed)
     student = create_model(spec.student, data.num_classes, data.in_shape)
-    (method,) = _build_methods([spec], data, student, teacher)
+    (method,) = build_methods([spec], data, student, teacher)
     return student, method
 
 
@@ -200,7 +201,7 @@ def test_cached_teacher_sst2_pair_on_gpu(benchmark, tmp_path):
         for name in names:
             torch.manual_seed(spec.seed)
             student = create_model(spec.student, 2, data.in_shape, tmp_path).cuda()
-            (method,) = _build_methods([spec], data, student, teacher)
+            (method,) = build_methods([spec], data, student, teacher)
             torch.cuda.synchronize()
             start = time.perf_counter()
             fit(student, method, teacher, data, cfg, spec.seed, teacher_outputs=outputs if name == "cached" else None)

@@ -49,6 +49,11 @@ GRID = {
     "review_kd": [{"review_weight": w} for w in (0.6, 1.0, 5.0)],
     "nst": [{"beta": b} for b in (0.5, 5.0, 50.0)],
     "vid": [{"beta": b} for b in (0.1, 1.0)],
+    # the methods of issue 17: the paper's mutual weight and half of it; KD's temperatures (TAKD's assistant is
+    # re-trained for each); the ensemble's temperature and weighting
+    "dml": [{"kl_weight": w} for w in (0.5, 1.0)],
+    "takd": [{"temperature": t} for t in (2.0, 4.0)],
+    "multi_teacher": [{"temperature": t, "weighting": w} for t in (2.0, 4.0) for w in ("equal", "confidence")],
 }
 
 

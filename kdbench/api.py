@@ -14,6 +14,7 @@ mode.
 from __future__ import annotations
 
 import difflib
+from copy import deepcopy
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -27,7 +28,7 @@ from kdbench.config import MeasureConfig, TrainConfig
 from kdbench.errors import KdbenchError
 from kdbench.taps import probe_shapes
 from kdbench.metrics import cost_metrics, predict, top1
-from kdbench.method import METHODS, format_validation_error, validate_config
+from kdbench.method import METHODS, Method, format_validation_error, validate_config
 from kdbench.records import Record, new_record
 from kdbench.runner import deterministic, run_metrics
 from kdbench.tracking import log_run
@@ -107,6 +108,9 @@ def distill(teacher: nn.Module, student: nn.Module, data, method: str = "vanilla
     """
     cls = METHODS.get(method)
     config = validate_config(cls, hyperparameters)
+    if cls.assistants.__func__ is not Method.assistants.__func__ or cls.teacher_members(config):
+        raise KdbenchError(f"{method} trains its own assistants or teacher ensemble from a suite's track; run it "
+                           "with `kdbench run` (the suite names them per pair)")
     dev = _device(device)
     dtype = next(student.parameters()).dtype
     train = as_split(data, "data", dtype)
@@ -132,7 +136,8 @@ def distill(teacher: nn.Module, student: nn.Module, data, method: str = "vanilla
         t_shapes = probe_shapes(t_model, t_taps if cls.needs_teacher else (), sample)
         _check_classes(s_shapes["logits"], t_shapes["logits"], val.y)
         torch.manual_seed(seed)  # the method's own modules start from the run's seed
-        built = cls(config, s_shapes, t_shapes).to(dev)
+        peers = [_fresh_copy(s_model) for _ in range(cls.peer_count(config))]
+        built = cls(config, s_shapes, t_shapes, **({"peers": peers} if peers else {})).to(dev)
         track = TrackData(train, val, test, num_classes=s_shapes["logits"][0], in_shape=tuple(sample.shape[1:]),
                           description=description)
         run_config = {
@@ -173,6 +178,15 @@ def measure(model: nn.Module, sample: torch.Tensor, **timing) -> dict:
     x = torch.as_tensor(sample)[:1]
     x = x.to(next(model.parameters()).dtype) if x.is_floating_point() else x
     return cost_metrics([model], x, cfg.threads, cfg.throughput_batch, cfg.min_run_time)[0]
+
+
+def _fresh_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every layer's parameters drawn anew (``reset_parameters``): an online method's peer."""
+    copy = deepcopy(model)
+    for module in copy.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    return copy
 
 
 class _Adapted(nn.Module):

@@ -199,7 +199,36 @@ def _pair_table(group: pd.DataFrame, timing: dict | None, published: dict[str, t
     cost = _cost(finished, timing)
     teacher = {"acc": teacher_top1, "params": cost["teacher_params"], "latency": cost.get("teacher_latency")}
     return PairTable(markdown, [_cost_line(cost, teacher_name, group["student"].iloc[0]),
-                                _resolution(list(stats.values()), group)], traces, problems, points, teacher, cost)
+                                _resolution(list(stats.values()), group), *_source_notes(finished, order)],
+                     traces, problems, points, teacher, cost)
+
+
+def _source_notes(finished: pd.DataFrame, order: list[str]) -> list[str]:
+    """A line per row that distils from something other than the pair's teacher (kdbench.sources): each ensemble
+    member's and the ensemble's test top-1, or each assistant's size, test top-1 and training time, as means over
+    the row's records (one ensemble or assistant per teacher: per fold on a cross-validated track)."""
+    if "source" not in finished:
+        return []
+    lines = []
+    for method in order:
+        sources = [s for s in finished[finished["method"] == method]["source"] if isinstance(s, dict)]
+        if not sources:
+            continue
+        if "teacher_ensemble" in sources[0]:
+            members = sources[0]["teacher_ensemble"]["members"]
+            accs = [np.mean([s["teacher_ensemble"]["members"][i]["test_top1"] for s in sources])
+                    for i in range(len(members))]
+            ensemble = np.mean([s["teacher_ensemble"]["test_top1"] for s in sources])
+            listed = ", ".join(f"{m['teacher']} seed {m['seed']} {a:.2f}" for m, a in zip(members, accs))
+            lines.append(f"- `{method}` distils from an ensemble of {len(members)} teachers (test top-1: {listed}); "
+                         f"the ensemble's {ensemble:.2f}.")
+        for i, first in enumerate(sources[0].get("assistants", [])):
+            acc = np.mean([s["assistants"][i]["test_top1"] for s in sources])
+            seconds = np.mean([s["assistants"][i]["train_seconds"] for s in sources])
+            lines.append(f"- `{method}` learns from the assistant `{first['architecture']}` ({first['params']:,} "
+                         f"parameters, test top-1 {acc:.2f}), distilled from the teacher in {seconds:.1f} s, once "
+                         "per teacher: the row's seeds share it.")
+    return lines
 
 
 def _cost(finished: pd.DataFrame, timing: dict | None) -> dict:

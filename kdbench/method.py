@@ -56,13 +56,25 @@ class LogitMethodConfig(MethodConfig):
         return data
 
 
+class TeacherMember(pydantic.BaseModel):
+    """One teacher of an ensemble: an architecture (default: the pair's teacher) trained with the track's teacher
+    seed plus ``seed_offset``, and cached like any teacher (offset 0 of the pair's teacher is the pair's teacher)."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+    architecture: str | None = Field(default=None, description="a zoo model; None: the pair's teacher")
+    seed_offset: int = Field(default=0, ge=0, description="added to the track's teacher seed")
+
+
 class Method(nn.Module):
     """Base class. Subclasses set ``Config`` and implement ``loss``.
 
     Optional hooks: ``needs_teacher = False`` (no teacher forward at all), an ``adversary`` submodule
     with ``adversary_loss`` (trained by its own optimizer, alternating with the student step), and
-    ``on_step_end`` for methods with state. A method never calls backward or step, never seeds,
-    never moves devices, never reads files.
+    ``on_step_end`` for methods with state. Beyond one frozen teacher and one student (kdbench.sources):
+    ``peer_count`` (online methods: networks trained beside the student), ``assistants`` (progressive methods:
+    models distilled in turn between teacher and student) and ``teacher_members`` (multi-teacher methods: an
+    ensemble as the teacher). A method never calls backward or step, never seeds, never moves devices, never
+    reads files.
     """
 
     name: ClassVar[str] = ""
@@ -75,6 +87,29 @@ class Method(nn.Module):
     def __init__(self, config: MethodConfig, student_shapes: Shapes, teacher_shapes: Shapes):
         super().__init__()
         self.config = config
+
+    @classmethod
+    def peer_count(cls, config: MethodConfig) -> int:
+        """Online methods: how many networks of the student's architecture this method trains beside the student
+        (DML's peers). The runner builds them with fresh weights, drawn after the student's, and passes them to
+        the constructor as the keyword ``peers``; kept as the method's submodules, they are trained with the
+        student, counted as *extra* and never saved with it. They usually run on the ``input`` tap."""
+        return 0
+
+    @classmethod
+    def assistants(cls, config: MethodConfig) -> tuple[str, ...]:
+        """Progressive methods: architectures distilled in turn between the teacher and the student (TAKD's
+        teacher assistant), teacher side first. Each is trained by this method with this config from the model
+        before it, on the run's data and schedule with the track's teacher seed, and cached like a teacher (so
+        once for all seeds); the student then learns from the last. Their accuracy and cost go in the record."""
+        return ()
+
+    @classmethod
+    def teacher_members(cls, config: MethodConfig) -> tuple[TeacherMember, ...]:
+        """Multi-teacher methods: the teachers of an ensemble that replaces the pair's teacher as what the method
+        distils from (kdbench.sources.TeacherEnsemble: ``logits`` the ensemble's, ``member:<i>`` each teacher's).
+        Empty (the default): the pair's teacher alone."""
+        return ()
 
     @classmethod
     def taps(cls, config: MethodConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:

@@ -75,6 +75,7 @@ class Record(pydantic.BaseModel):
     history: list[dict] = []  # per-epoch training losses and validation accuracy
     teacher_outputs: dict | None = None  # whether the teacher's outputs came from the cache, its key, or why not
     predictions: dict | None = None  # per-sample test and validation predictions (kdbench.predictions)
+    source: dict | None = None  # a teacher ensemble or assistants the method distilled from (kdbench.sources)
 
 
 def record_path(results_dir: Path, spec: RunSpec) -> Path:

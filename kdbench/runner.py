@@ -14,7 +14,6 @@ from torch import nn
 from kdbench.config import MeasureConfig, RunSpec
 from kdbench.distributed import Ranks, barrier, is_main
 from kdbench.errors import KdbenchError
-from kdbench.taps import MASK, probe, tap_shapes
 from kdbench.timing_lock import exclusive_use
 from kdbench.metrics import cost_metrics, flops_per_sample, predict, top1
 from kdbench.method import METHODS
@@ -27,6 +26,7 @@ from kdbench.models import (
 )
 from kdbench.predictions import split_predictions
 from kdbench.records import load_record, new_record, record_path, write_record
+from kdbench.sources import build_methods, distillation_source, stand_in_source
 from kdbench.teachers import cached_teacher_outputs, load_or_train_teacher
 from kdbench.tracking import log_run
 from kdbench.tracks import TrackData, load_track
@@ -80,21 +80,24 @@ def train_and_measure(spec: RunSpec, place: Placement = Placement(), log=None) -
     config = spec.config(base.description, pretrained_digests(spec, place))
     teacher, teacher_key = load_or_train_teacher(spec.track, data, spec.teacher, spec.teacher_train, spec.teacher_seed,
                                                  place.device, place.data_root)
+    source, source_key, about_source = distillation_source(spec, teacher, teacher_key, data, place.device,
+                                                           place.data_root)
     torch.manual_seed(spec.seed)
     student = create_model(spec.student, data.num_classes, data.in_shape, place.data_root).to(place.device)
-    (method,) = _build_methods([spec], data, student, teacher)
+    (method,) = build_methods([spec], data, student, source, _peer_maker(spec, data, place))
     method.to(place.device)
     record = new_record(spec.suite, spec.seed, config, spec.measure.threads, place.device,
                         suite_seeds=list(spec.suite_seeds), teacher_sha256=teacher_key,
-                        **({"ddp_backend": place.ranks.backend} if place.ranks else {}))
+                        **({"ddp_backend": place.ranks.backend} if place.ranks else {}),
+                        **({"source": about_source} if about_source else {}))
     teacher_outputs, record["teacher_outputs"] = (
-        cached_teacher_outputs(teacher, method.taps(method.config)[1], data.train, teacher_key)
+        cached_teacher_outputs(source, method.taps(method.config)[1], data.train, source_key)
         if method.needs_teacher else (None, {"cached": False, "reason": "the method uses no teacher"}))
     checkpoint = kdbench_home() / "checkpoints" / f"{spec.track}-{record['config_sha256'][:16]}-seed{spec.seed}.pt"
     start = time.perf_counter()
     history: list[dict] = []
     try:
-        history = fit(student, method, teacher, data, spec.train, spec.seed, _progress(spec, log), checkpoint,
+        history = fit(student, method, source, data, spec.train, spec.seed, _progress(spec, log), checkpoint,
                       teacher_outputs, place.ranks)
     except DivergedError as exc:
         record.update(status="failed", error=f"diverged: {exc}", metrics=None)
@@ -133,42 +136,6 @@ def pretrained_digests(spec: RunSpec, place: Placement) -> dict[str, str]:
     return {name: weights_digest(path) for name, path in paths.items() if path is not None}
 
 
-def _build_methods(specs: list[RunSpec], data: TrackData, student, teacher, dry_loss: bool = False) -> list:
-    """The runs' methods (all on this pair), their extra modules shaped by one dry forward pass of each model;
-    with ``dry_loss`` each method's loss is also computed once on that pass, so a loss that fails does so now."""
-    built = []
-    for spec in specs:
-        cls = METHODS.get(spec.method)
-        config = cls.Config(**spec.method_config)
-        built.append((spec, cls, config, *cls.taps(config)))
-    sample = data.train.sample(2).to(model_device(student))
-    student_out = probe(student, {tap for *_, taps, _ in built for tap in taps}, sample)
-    teacher_out = probe(teacher, {tap for *_, taps in built for tap in taps}, sample)
-    target = data.train.y[:2].to(student_out["logits"].device)
-
-    def own(outputs: dict, taps) -> dict:  # the method's taps, and the padding mask of token models (kdbench.taps)
-        return {t: outputs[t] for t in (*taps, MASK) if t in outputs}
-
-    methods = []
-    for spec, cls, config, s_taps, t_taps in built:
-        method = cls(config, tap_shapes(own(student_out, s_taps), len(data.train)),
-                     tap_shapes(own(teacher_out, t_taps), len(data.train)))
-        if dry_loss and target.device.type != "meta":  # shape-only (meta) models cannot compute a loss
-            _dry_loss(spec, method, own(student_out, s_taps), own(teacher_out, t_taps), target)
-        methods.append(method)
-    return methods
-
-
-def _dry_loss(spec: RunSpec, method, student_out: dict, teacher_out: dict, target) -> None:
-    try:
-        with torch.no_grad():
-            method.loss(student_out, teacher_out if method.needs_teacher else None, target, 0.0)
-    except Exception as exc:  # noqa: BLE001 - whatever the method raises is reported in one line before training
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise KdbenchError(f"method {spec.method} fails on a dry batch of {spec.track} {spec.pair}: "
-                           f"{type(exc).__name__}: {first}") from None
-
-
 def deterministic(device: str) -> None:
     """Deterministic kernels: bit-exact on CPU; on CUDA cuBLAS needs a fixed workspace, and ops without a
     deterministic kernel warn instead of failing. Deterministic mode also fills every new tensor with NaN, a
@@ -188,9 +155,22 @@ def preflight(specs: list[RunSpec], place: Placement = Placement()) -> None:
         spec = next(iter(pair_specs.values()))
         data = track_data(spec, place)
         pretrained_digests(spec, place)  # a missing weights file fails here, before anything trains
-        models = [create_model(name, data.num_classes, data.in_shape, random_init=True)
-                  for name in (spec.student, spec.teacher)]
-        _build_methods(list(pair_specs.values()), data, *models, dry_loss=True)
+        student, teacher = (create_model(name, data.num_classes, data.in_shape, random_init=True)
+                            for name in (spec.student, spec.teacher))
+        fresh = lambda name: create_model(name or spec.teacher, data.num_classes, data.in_shape,  # noqa: E731
+                                          random_init=True)
+        by_source: dict[int, tuple] = {}  # most methods distil from the pair's teacher; ensembles and assistants not
+        for s in pair_specs.values():
+            cls = METHODS.get(s.method)
+            source = stand_in_source(cls, cls.Config(**s.method_config), teacher, fresh)
+            by_source.setdefault(id(source), (source, []))[1].append(s)
+        for source, group in by_source.values():
+            build_methods(group, data, student, source, lambda: fresh(spec.student), dry_loss=True)
+
+
+def _peer_maker(spec: RunSpec, data: TrackData, place: Placement):
+    """Fresh networks of the student's architecture, for methods with peers (kdbench.method: ``peer_count``)."""
+    return lambda: create_model(spec.student, data.num_classes, data.in_shape, place.data_root).to(place.device)
 
 
 def _progress(spec: RunSpec, log):

@@ -15,6 +15,9 @@ Tap vocabulary (architecture-agnostic):
 - ``index``: each sample's position in the training split, (B,) integers, given by the training loop (a memory
   bank's row, as CRD needs). Among the shapes a method is built with, its shape is (N,): N, the size of the
   training split, is the number of rows such a bank needs;
+- ``input``: the batch itself, as the model received it (online methods run their own peer networks on it);
+- ``member:<i>``: the logits of member i of a teacher ensemble (models that list their member modules in
+  ``members``, as ``kdbench.sources.TeacherEnsemble`` does; its ``logits`` are the ensemble's);
 - ``mask``: for models over padded token sequences (they define ``token_mask(x)``), (B, L) with 1 for real
   tokens and 0 for padding. It is part of every tap dict of such a model, asked for or not, so that methods
   can leave padding out; a method sees hidden states (B, L, H) rather than feature maps (B, C, *positions)
@@ -36,6 +39,11 @@ from kdbench.errors import KdbenchError
 MASK = "mask"
 EMBEDDING = "embedding"
 INDEX = "index"
+INPUT = "input"
+
+
+def member_tap(i: int) -> str:
+    return f"member:{i}"
 
 
 def stage_modules(model: nn.Module) -> tuple[str, ...]:
@@ -80,11 +88,17 @@ def resolve_tap(model: nn.Module, tap: str) -> nn.Module:
             raise KdbenchError(f"tap {tap!r} is for transformers: {type(model).__name__} lists no attention modules "
                                "(use stage:<i>)")
         path = _indexed(model, tap, arg, stage_modules(model) if kind == "hidden" else attentions, "layers")
+    elif kind == "member":
+        members = tuple(getattr(model, "members", ()))
+        if not members:
+            raise KdbenchError(f"tap {tap!r} is for teacher ensembles: {type(model).__name__} has no members "
+                               "(a method reads them by listing its teachers in teacher_members)")
+        path = _indexed(model, tap, arg, members, "members")
     elif kind == "module":
         path = arg
     else:
         raise KdbenchError(f"unknown tap {tap!r}; use 'logits', 'stage:<i>', 'module:<dotted.path>', "
-                           "'hidden:<i>', 'attn:<i>', 'embedding', 'index' or 'mask'")
+                           "'hidden:<i>', 'attn:<i>', 'member:<i>', 'embedding', 'index', 'input' or 'mask'")
     try:
         return model.get_submodule(path)
     except AttributeError:
@@ -109,11 +123,11 @@ class FeatureTaps:
         taps = dict.fromkeys(taps)
         if MASK in taps and self._token_mask is None:
             raise KdbenchError(f"tap 'mask': {type(model).__name__} does not read padded token sequences")
-        self._wants_index = INDEX in taps
+        self._wants_index, self._wants_input = INDEX in taps, INPUT in taps
         self._handles = [
             resolve_tap(model, tap).register_forward_hook(partial(self._capture, tap))
             for tap in taps
-            if tap not in ("logits", MASK, EMBEDDING, INDEX)
+            if tap not in ("logits", MASK, EMBEDDING, INDEX, INPUT)
         ]
         if EMBEDDING in taps:
             self._handles.append(_classifier(model).register_forward_pre_hook(self._capture_embedding))
@@ -138,6 +152,8 @@ class FeatureTaps:
             if index is None:
                 raise KdbenchError("tap 'index': these samples have no positions in a training split")
             given[INDEX] = index
+        if self._wants_input:
+            given[INPUT] = x
         return {"logits": logits, **self._captured, **given}
 
     def remove(self) -> None:

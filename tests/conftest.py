@@ -101,18 +101,25 @@ def isolated_home(session_home, monkeypatch):
 def finished_run(tmp_path_factory, session_home):
     """The tiny suite run once per test module (2 methods × 2 seeds) with its own MLflow store; its folder. Its
     records say they come from a clean checkout, whatever the state of the working tree running the tests."""
+    return run_suite_once(tmp_path_factory.mktemp("tiny-run"), TINY_SUITE, session_home, suite_file="tiny.yaml")
+
+
+def run_suite_once(root, suite_text: str, session_home, *args: str, suite_file: str = "suite.yaml"):
+    """``kdbench run`` of a suite written into ``root`` (records under root/results, its own MLflow store), with
+    records that say they come from a clean checkout, whatever the state of the working tree; ``root``."""
     from kdbench.cli import main
 
-    root = tmp_path_factory.mktemp("tiny-run")
-    suite = root / "tiny.yaml"
-    suite.write_text(TINY_SUITE)
+    suite = root / suite_file
+    suite.write_text(suite_text)
     mp = pytest.MonkeyPatch()
     mp.setenv("KDBENCH_HOME", str(session_home))
     mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
     for module in ("kdbench.records", "kdbench.timing"):  # as if made from a clean checkout (tests/test_git_state.py)
         mp.setattr(f"{module}.git_state", lambda: (CLEAN_COMMIT, False))
-    assert main(["run", "--suite", str(suite), "--results-dir", str(root / "results")]) == 0
-    mp.undo()
+    try:
+        assert main(["run", "--suite", str(suite), "--results-dir", str(root / "results"), *args]) == 0
+    finally:
+        mp.undo()
     return root
 
 

@@ -15,10 +15,14 @@ import torch
 from kdbench.taps import FeatureTaps, probe_shapes
 from kdbench.method import METHODS
 from kdbench.models import count_params, create_model
+from kdbench.sources import construct, stand_in_source
 
 GOLDEN = Path(__file__).parent / "golden" / "method_losses.json"
 TEACHER, STUDENT = "cnn1d_w8", "cnn1d_w4"
 TRAIN_SIZE = 64
+# settings a method cannot do without, which suites give per pair (takd: its assistant's architecture)
+REQUIRED = {"takd": {"assistant": "cnn1d_w8"}}
+REQUIRED_2D = {"takd": {"assistant": "cnn2d_w8"}}
 
 
 def one_step(name: str, seed: int = 0, progress: float = 0.5):
@@ -28,9 +32,11 @@ def one_step(name: str, seed: int = 0, progress: float = 0.5):
     teacher, student = create_model(TEACHER), create_model(STUDENT)
     x, y = torch.randn(8, 1, 40), torch.arange(8) % 10
     cls = METHODS.get(name)
-    config = cls.Config()
+    config = cls.Config(**REQUIRED.get(name, {}))
     s_taps, t_taps = cls.taps(config)
-    method = cls(config, probe_shapes(student, s_taps, x, TRAIN_SIZE), probe_shapes(teacher, t_taps, x, TRAIN_SIZE))
+    teacher = stand_in_source(cls, config, teacher, lambda arch: create_model(arch or TEACHER))
+    method = construct(cls, config, probe_shapes(student, s_taps, x, TRAIN_SIZE),
+                       probe_shapes(teacher, t_taps, x, TRAIN_SIZE), lambda: create_model(STUDENT))
     teacher.eval().requires_grad_(False)
     index = torch.arange(8) * 3  # the batch's positions in a training split of TRAIN_SIZE samples
     s_out = FeatureTaps(student, s_taps)(x, index)
@@ -105,9 +111,11 @@ def test_one_step_on_2d_feature_maps(method):
     teacher, student = create_model("cnn2d_w8"), create_model("cnn2d_w4")
     x, y = torch.rand(8, 1, 8, 8), torch.arange(8) % 10
     cls = METHODS.get(method)
-    config = cls.Config()
+    config = cls.Config(**REQUIRED_2D.get(method, {}))
     s_taps, t_taps = cls.taps(config)
-    m = cls(config, probe_shapes(student, s_taps, x, TRAIN_SIZE), probe_shapes(teacher, t_taps, x, TRAIN_SIZE))
+    teacher = stand_in_source(cls, config, teacher, lambda arch: create_model(arch or "cnn2d_w8"))
+    m = construct(cls, config, probe_shapes(student, s_taps, x, TRAIN_SIZE), probe_shapes(teacher, t_taps, x, TRAIN_SIZE),
+                  lambda: create_model("cnn2d_w4"))
     index = torch.arange(8)
     t_out = FeatureTaps(teacher.eval(), t_taps)(x, index) if cls.needs_teacher else None
     terms = m.loss(FeatureTaps(student, s_taps)(x, index), t_out, y, 0.5)

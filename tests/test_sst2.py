@@ -15,6 +15,7 @@ from kdbench.taps import MASK, FeatureTaps, probe_shapes
 from kdbench.errors import KdbenchError
 from kdbench.method import METHODS, validate_config
 from kdbench.models import create_model
+from kdbench.sources import construct, stand_in_source
 from kdbench.suite import load_suite
 from kdbench.tracks import load_track
 from kdbench.models.bert import MAX_LENGTH
@@ -270,22 +271,24 @@ def test_activation_attention_on_hidden_states_leaves_padding_out():
 
 
 # Methods that must work on a transformer (the others may refuse, in one line naming the method).
-TAKE_A_STEP_ON_TOKENS = {"baseline", "vanilla_kd", "vanilla_kd+ls", "fitnets", "attention_transfer", "adversarial",
-                         "self_distillation"}
+TAKE_A_STEP_ON_TOKENS = {"baseline", "vanilla_kd", "vanilla_kd+ls", "fitnets", "attention_transfer", "adversarial", "dml",
+                         "self_distillation", "multi_teacher"}
 
 
 @pytest.mark.parametrize("name", METHODS.names())
-def test_every_method_takes_a_step_on_hidden_states(name, pair, data):
+def test_every_method_takes_a_step_on_hidden_states(name, pair, data, root):
     teacher, student = pair
     suite = load_suite("sst2")
     cls = METHODS.get(name)
     config = validate_config(cls, suite.tracks["sst2"].methods.get(name, {}))
     s_taps, t_taps = cls.taps(config)
     x, y, index = data.train.x[:4], data.train.y[:4], torch.arange(4)
+    model = lambda arch: create_model(arch, data.num_classes, data.in_shape, root)  # noqa: E731
     try:
-        method = cls(config, probe_shapes(student, s_taps, x, len(data.train)),
-                     probe_shapes(teacher, t_taps, x, len(data.train)))
-    except KdbenchError as exc:  # a method that needs feature maps says so in one line
+        teacher = stand_in_source(cls, config, teacher, lambda arch: model(arch or "bert_base"))
+        method = construct(cls, config, probe_shapes(student, s_taps, x, len(data.train)),
+                           probe_shapes(teacher, t_taps, x, len(data.train)), lambda: model("bert_base_6l"))
+    except KdbenchError as exc:  # a method that needs feature maps (or a teacher assistant) says so in one line
         assert name in str(exc) and "\n" not in str(exc) and name not in TAKE_A_STEP_ON_TOKENS
         return
     student.train()

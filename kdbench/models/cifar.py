@@ -217,9 +217,9 @@ def _register(name: str, build) -> None:
 
 for _depth in (8, 14, 20, 32, 44, 56, 110):
     _register(f"resnet{_depth}", lambda c, i, d=_depth: ResNet(d, (16, 16, 32, 64), c, i))
-for _depth in (8, 32):
+for _depth in (8, 20, 32):  # resnet20x4, wrn_28_2: teacher assistants (methods/takd.py)
     _register(f"resnet{_depth}x4", lambda c, i, d=_depth: ResNet(d, (32, 64, 128, 256), c, i))
-for _depth in (16, 40):
+for _depth in (16, 28, 40):
     for _widen in (1, 2):
         _register(f"wrn_{_depth}_{_widen}", lambda c, i, d=_depth, k=_widen: WideResNet(d, k, c, i))
 for _depth in _VGG_CFG:

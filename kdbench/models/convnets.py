@@ -47,7 +47,7 @@ def _register(name: str, in_shape: tuple[int, ...], width: int) -> None:
     )
 
 
-for _width in (4, 8, 16, 32, 64, 128):
+for _width in (4, 8, 12, 16, 24, 32, 64, 128):  # 12 and 24: teacher assistants (methods/takd.py)
     _register(f"cnn1d_w{_width}", (1, 40), _width)  # MNIST-1D
-for _width in (4, 8, 16, 32):
+for _width in (4, 8, 12, 16, 24, 32):
     _register(f"cnn2d_w{_width}", (1, 8, 8), _width)  # scikit-learn digits
