@@ -76,6 +76,7 @@ class Record(pydantic.BaseModel):
     teacher_outputs: dict | None = None  # whether the teacher's outputs came from the cache, its key, or why not
     predictions: dict | None = None  # per-sample test and validation predictions (kdbench.predictions)
     source: dict | None = None  # a teacher ensemble or assistants the method distilled from (kdbench.sources)
+    teacher_trained_from: dict | None = None  # git commit and dirtiness of the code that trained the cached teacher
 
 
 def record_path(results_dir: Path, spec: RunSpec) -> Path:

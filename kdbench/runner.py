@@ -27,7 +27,7 @@ from kdbench.models import (
 from kdbench.predictions import split_predictions
 from kdbench.records import load_record, new_record, record_path, write_record
 from kdbench.sources import build_methods, distillation_source, stand_in_source
-from kdbench.teachers import cached_teacher_outputs, load_or_train_teacher
+from kdbench.teachers import cached_teacher_outputs, load_or_train_teacher, teacher_path, trained_from
 from kdbench.tracking import log_run
 from kdbench.tracks import TrackData, load_track
 from kdbench.paths import kdbench_home
@@ -89,6 +89,8 @@ def train_and_measure(spec: RunSpec, place: Placement = Placement(), log=None) -
     record = new_record(spec.suite, spec.seed, config, spec.measure.threads, place.device,
                         suite_seeds=list(spec.suite_seeds), teacher_sha256=teacher_key,
                         **({"ddp_backend": place.ranks.backend} if place.ranks else {}),
+                        teacher_trained_from=spec.teacher_train and trained_from(
+                            teacher_path(spec.track, spec.teacher, teacher_key)),
                         **({"source": about_source} if about_source else {}))
     teacher_outputs, record["teacher_outputs"] = (
         cached_teacher_outputs(source, method.taps(method.config)[1], data.train, source_key)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from filelock import FileLock
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from kdbench.config import RunSpec, sha256_of
@@ -33,7 +33,8 @@ from kdbench.metrics import predict, top1
 from kdbench.models import count_params, create_model, model_device
 from kdbench.paths import kdbench_home
 from kdbench.taps import MASK, probe, tap_shapes
-from kdbench.teachers import cached_teacher_outputs, load_or_train_teacher
+from kdbench.teachers import (cached_teacher_outputs, load_or_train_teacher, save_weights, teacher_path, trained_from,
+                              warn_if_untraceable)
 from kdbench.tracks import TrackData
 from kdbench.train import fit
 
@@ -132,7 +133,9 @@ def distillation_source(spec: RunSpec, teacher: nn.Module, teacher_key: str, dat
                                                     data_root)
             nets.append(net)
             described.append({"teacher": name, "seed": seed, "key": member_key,
-                              "test_top1": top1(predict(net, data.test), data.test.y)})
+                              "test_top1": top1(predict(net, data.test), data.test.y),
+                              "trained_from": spec.teacher_train and trained_from(
+                                  teacher_path(spec.track, name, member_key))})
         source = TeacherEnsemble(nets).eval()
         key = sha256_of({"ensemble": [m["key"] for m in described]})
         about["teacher_ensemble"] = {"members": described, "test_top1": top1(predict(source, data.test), data.test.y)}
@@ -176,9 +179,7 @@ def _load_or_distill_assistant(spec: RunSpec, source: nn.Module, source_key: str
                          "test_top1": top1(predict(assistant, data.test), data.test.y),
                          "val_top1": top1(predict(assistant, data.val), data.val.y), "train_seconds": seconds}
             _write_atomically(about_path, json.dumps(described, indent=1).encode())
-            tmp = path.with_name(path.name + ".tmp")
-            save_file({k: v.detach().cpu().contiguous() for k, v in assistant.state_dict().items()}, str(tmp))
-            os.replace(tmp, path)
+            save_weights(assistant, path)
             print(f"assistant trained in {seconds:.1f}s", file=sys.stderr)
         try:
             assistant.load_state_dict(load_file(str(path), device=str(device)))
@@ -186,7 +187,8 @@ def _load_or_distill_assistant(spec: RunSpec, source: nn.Module, source_key: str
         except Exception as exc:  # noqa: BLE001 - a damaged or foreign file is refused, never unpickled
             raise KdbenchError(f"assistant checkpoint {path} (or its .json) is damaged ({type(exc).__name__}); "
                                "delete both and the assistant is retrained") from None
-    return assistant.eval(), key, described
+    warn_if_untraceable(path, f"assistant {spec.student}")
+    return assistant.eval(), key, described | {"trained_from": trained_from(path)}
 
 
 def _write_atomically(path: Path, content: bytes) -> None:

@@ -21,9 +21,11 @@ from pathlib import Path
 
 import torch
 from filelock import FileLock
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from kdbench import records
 from kdbench.config import TrainConfig, sha256_of
 from kdbench.errors import KdbenchError
 from kdbench.taps import FeatureTaps
@@ -126,20 +128,53 @@ def load_or_train_teacher(track: str, data: TrackData, name: str, cfg: TrainConf
         if weights is None:
             raise KdbenchError(f"teacher {name} has no pretrained weights: give the suite's track a teacher_train")
         return model.eval(), key
-    path = kdbench_home() / "teachers" / f"{track}-{name}-{key[:16]}.safetensors"
+    path = teacher_path(track, name, key)
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
         if not path.exists():
             print(f"training teacher {name} on {track} ({cfg.epochs} epochs; cached at {path})", file=sys.stderr)
             start = time.perf_counter()
             fit(model, SupervisedOnly(MethodConfig(), {}, {}), None, data, cfg, seed)
-            tmp = path.with_suffix(".tmp")
-            save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
-            os.replace(tmp, path)
+            save_weights(model, path)
             print(f"teacher trained in {time.perf_counter() - start:.1f}s", file=sys.stderr)
         try:
             model.load_state_dict(load_file(str(path), device=str(device)))
         except Exception as exc:  # noqa: BLE001 - a damaged or foreign file is refused, never unpickled
             raise KdbenchError(f"teacher checkpoint {path} is not a safetensors weights file for {name} "
                                f"({type(exc).__name__}); delete it and the teacher is retrained") from None
+    warn_if_untraceable(path, f"teacher {name}")
     return model.eval(), key
+
+
+def teacher_path(track: str, name: str, key: str) -> Path:
+    return kdbench_home() / "teachers" / f"{track}-{name}-{key[:16]}.safetensors"
+
+
+def save_weights(model: nn.Module, path: Path) -> None:
+    """The model's state dict as safetensors, written atomically, with the git state of the code that trained it
+    in the file's metadata (``trained_from``)."""
+    commit, dirty = records.git_state()
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp),
+              metadata={"git_commit": commit or "", "git_dirty": "unknown" if dirty is None else str(dirty).lower()})
+    os.replace(tmp, path)
+
+
+def trained_from(path: Path) -> dict | None:
+    """{"git_commit", "git_dirty"} of the code that trained a cached model; None for files from before kdbench
+    wrote it (or pretrained weights)."""
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    if "git_dirty" not in meta:
+        return None
+    return {"git_commit": meta["git_commit"] or None, "git_dirty": {"true": True, "false": False}.get(meta["git_dirty"])}
+
+
+def warn_if_untraceable(path: Path, what: str) -> None:
+    """One line on stderr when a cached model was trained from uncommitted code while this tree is committed: its
+    key (the config's hash) cannot see code changes, so runs made with it may not reproduce from a cold cache."""
+    origin = trained_from(path)
+    if origin is not None and origin["git_dirty"] and records.git_state()[1] is False:
+        print(f"warning: {what} at {path} was trained from a tree with uncommitted changes (on "
+              f"{(origin['git_commit'] or '?')[:10]}); records made with it may not reproduce from a cold cache: "
+              "delete it to retrain it from this commit", file=sys.stderr)

@@ -26,8 +26,9 @@ Deviations:
 - Loss scale follows the code, not the printed formula: the paper writes β/2 · Σ_j ‖Q_s/‖Q_s‖ − Q_t/‖Q_t‖‖_p and
   says β = 10³ is divided by the attention map size and batch size; the code's mean of squares times β is what
   β = 1000 was used with, so it is used here (no ½, squared distance).
-- |A|^p instead of the code's A.pow(p): identical for even p (the default), and the paper's definition for
-  other p. p must be ≥ 1: for p < 1 the gradient of |A|^p is infinite at the exact zeros of post-ReLU maps.
+- |A|^p (the paper's definition) for odd or fractional p, where the code's A.pow(p) would differ; for even p
+  (the default) A^p, as the code, which equals |A|^p and skips the abs. p must be ≥ 1: for p < 1 the gradient
+  of |A|^p is infinite at the exact zeros of post-ReLU maps.
 - Pooling for mismatched sizes is RepDistiller's addition (square (t_H, t_H) there; per-dimension here).
 - The default stage list is fixed, not "all stages": on a 4-stage model it takes the last three, on a
   2-stage model it fails with the usual unknown-stage error (set ``stages``).
@@ -105,9 +106,14 @@ def stage_taps(config: AttentionTransferConfig) -> tuple[str, ...]:
     return tuple(f"{kind}:{i}" for i in config.stages)
 
 
+def _abs_pow(values: torch.Tensor, p: float) -> torch.Tensor:
+    """|A|^p; for even p A^p, the same values (and gradients) without the abs and its backward."""
+    return values.pow(p) if p % 2 == 0 else values.abs().pow(p)
+
+
 def attention_map(feature: torch.Tensor, p: float) -> torch.Tensor:
     """(B, C, *positions) → (B, positions): mean over channels of |A|^p, flattened, L2-normalised per sample."""
-    return F.normalize(feature.abs().pow(p).mean(1).flatten(1), dim=1)
+    return F.normalize(_abs_pow(feature, p).mean(1).flatten(1), dim=1)
 
 
 def at_loss(f_s: torch.Tensor, f_t: torch.Tensor, p: float) -> torch.Tensor:
@@ -118,7 +124,7 @@ def at_loss(f_s: torch.Tensor, f_t: torch.Tensor, p: float) -> torch.Tensor:
 
 def token_attention_map(hidden: torch.Tensor, mask: torch.Tensor, p: float) -> torch.Tensor:
     """(B, L, H) hidden states → (B, L): mean over hidden units of |A|^p, 0 at padding, L2-normalised per sample."""
-    return F.normalize(hidden.abs().pow(p).mean(-1) * mask.to(hidden.dtype), dim=1)
+    return F.normalize(_abs_pow(hidden, p).mean(-1) * mask.to(hidden.dtype), dim=1)
 
 
 def token_at_loss(h_s: torch.Tensor, h_t: torch.Tensor, mask: torch.Tensor, p: float) -> torch.Tensor:

@@ -46,3 +46,23 @@ def test_teacher_key_depends_on_config_seed_and_data():
     digits = load_track("digits")
     assert teacher_key("digits", digits.for_seed(0), "cnn2d_w4", CFG, 0) != teacher_key(
         "digits", digits.for_seed(1), "cnn2d_w4", CFG, 0)
+
+
+def test_a_teacher_trained_from_uncommitted_code_is_flagged_when_reused_from_a_clean_tree(tmp_path, monkeypatch,
+                                                                                         capsys):
+    """The key hashes the config, not the code: a teacher cached from a dirty tree would be reused silently by a
+    committed one (and its records would not reproduce from a cold cache). The file says which code trained it."""
+    from kdbench.teachers import teacher_path, trained_from
+
+    data = load_track("mnist1d")
+    monkeypatch.setenv("KDBENCH_HOME", str(tmp_path))
+    monkeypatch.setattr("kdbench.records.git_state", lambda: ("a" * 40, True))
+    _, key = load_or_train_teacher("mnist1d", data, "cnn1d_w4", CFG, seed=0)
+    path = teacher_path("mnist1d", "cnn1d_w4", key)
+    assert trained_from(path) == {"git_commit": "a" * 40, "git_dirty": True}
+    assert "warning" not in capsys.readouterr().err  # still the dirty tree: nothing to say
+    monkeypatch.setattr("kdbench.records.git_state", lambda: ("b" * 40, False))
+    load_or_train_teacher("mnist1d", data, "cnn1d_w4", CFG, seed=0)
+    err = capsys.readouterr().err
+    assert f"warning: teacher cnn1d_w4 at {path} was trained from a tree with uncommitted changes (on aaaaaaaaaa)" in err
+    assert "delete it to retrain it from this commit" in err
