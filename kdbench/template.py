@@ -44,11 +44,14 @@ class ${class_name}(Method):
     Config = ${class_name}Config
     # Optional: needs_teacher = False (no teacher at all); trainable modules built in __init__ from the tap
     # shapes (this method's own parameters, e.g. a regressor: methods/fitnets.py); an ``adversary`` module with
-    # adversary_loss and adversary_optimizer (methods/adversarial.py); on_step_end(progress) for state.
+    # adversary_loss and adversary_optimizer (methods/adversarial.py); on_step_end(progress) for state; peers
+    # trained beside the student (peer_count: methods/dml.py), assistants distilled in between (assistants:
+    # methods/takd.py) or an ensemble of teachers (teacher_members: methods/multi_teacher.py).
 
     @classmethod
     def taps(cls, config):
-        """(student taps, teacher taps): logits, stage:<i>, module:<dotted.path>, hidden:<i>, attn:<i>."""
+        """(student taps, teacher taps): logits, stage:<i>, module:<dotted.path>, embedding, index, input,
+        hidden:<i>, attn:<i>, member:<i> (kdbench/taps.py)."""
         return ("logits",), ("logits",)
 
     def loss(self, student, teacher, target, progress):
