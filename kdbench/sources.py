@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -32,6 +31,7 @@ from kdbench.method import METHODS, Method
 from kdbench.metrics import predict, top1
 from kdbench.models import count_params, create_model, model_device
 from kdbench.paths import kdbench_home
+from kdbench.records import write_atomic
 from kdbench.taps import MASK, probe, tap_shapes
 from kdbench.teachers import (cached_teacher_outputs, load_or_train_teacher, save_weights, teacher_path, trained_from,
                               warn_if_untraceable)
@@ -178,7 +178,7 @@ def _load_or_distill_assistant(spec: RunSpec, source: nn.Module, source_key: str
             described = {"architecture": spec.student, "key": key, "params": count_params(assistant),
                          "test_top1": top1(predict(assistant, data.test), data.test.y),
                          "val_top1": top1(predict(assistant, data.val), data.val.y), "train_seconds": seconds}
-            _write_atomically(about_path, json.dumps(described, indent=1).encode())
+            write_atomic(about_path, json.dumps(described, indent=1))
             save_weights(assistant, path)
             print(f"assistant trained in {seconds:.1f}s", file=sys.stderr)
         try:
@@ -190,8 +190,3 @@ def _load_or_distill_assistant(spec: RunSpec, source: nn.Module, source_key: str
     warn_if_untraceable(path, f"assistant {spec.student}")
     return assistant.eval(), key, described | {"trained_from": trained_from(path)}
 
-
-def _write_atomically(path: Path, content: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(content)
-    os.replace(tmp, path)
