@@ -74,10 +74,11 @@ class DKDConfig(LogitMethodConfig):
                                                "full weight (mdistiller DKD.WARMUP 20 of SOLVER.EPOCHS 240)")
 
 
-def _non_target(values: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """(B, K) → (B, K − 1): each row without its target column, the other columns in order."""
-    keep = torch.ones_like(values, dtype=torch.bool).scatter_(1, target.reshape(-1, 1), False)
-    return values[keep].reshape(values.shape[0], values.shape[1] - 1)
+def _non_target_columns(target: torch.Tensor, classes: int) -> torch.Tensor:
+    """(B, K − 1) column indices: each row's classes without its target, in order (for ``gather``, which, unlike a
+    boolean mask, needs no host sync)."""
+    cols = torch.arange(classes - 1, device=target.device).expand(target.shape[0], -1)
+    return cols + (cols >= target.reshape(-1, 1)).long()
 
 
 def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -88,10 +89,11 @@ def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
 def _decoupled(z_s: torch.Tensor, z_t: torch.Tensor, target: torch.Tensor, temperature: float):
     """Batch means of T²·KL(b_t ‖ b_s) and T²·KL(p̂_t ‖ p̂_s)."""
     scaled = {}
+    non_target = _non_target_columns(target, z_s.shape[1])
     for side, z in (("s", z_s), ("t", z_t)):
         z = z / temperature
         lse_all = z.logsumexp(1)
-        others = _non_target(z, target)
+        others = z.gather(1, non_target)
         lse_others = others.logsumexp(1)
         log_b = torch.stack([z.gather(1, target.reshape(-1, 1)).squeeze(1) - lse_all, lse_others - lse_all], 1)
         scaled[side] = (log_b, others - lse_others.unsqueeze(1))

@@ -35,9 +35,12 @@ Deviations:
   ψ^s = ψ^t, hence ℓ = 0, so only the normaliser differs: a constant factor (b(b−1)/b² for the pairs, b(b−1)(b−2)/b³
   for the triplets, for distinct embeddings), absorbed in the weights 25 and 50, which were set with the code.
 - RepDistiller's β (1) is folded into distance_weight and angle_weight.
-- Numerics only: the pairwise squared distances are computed from the differences s_i − s_j, which the angle term
-  needs anyway, instead of the reference's ‖s_i‖² + ‖s_j‖² − 2 s_iᵀ s_j (equal in exact arithmetic; the
-  expansion cancels catastrophically in float32 for nearby points). The clamp at 1e-12 is kept. μ is the mean over
+- Numerics only: the pairwise distances are the norms of the differences s_i − s_j, which the angle term needs
+  anyway, instead of the reference's ‖s_i‖² + ‖s_j‖² − 2 s_iᵀ s_j (equal in exact arithmetic; the expansion cancels
+  catastrophically in float32 for nearby points). The norms are computed once and serve both terms: the angle
+  term divides by them (clamped at 1e-12, as ``F.normalize``), the distance term clamps them at 1e-6 (the same as
+  the reference's clamp of the squared distance at 1e-12 before the root; version 2, which made the loss as fast
+  as the reference's formula; version 1 computed the norms twice, with equal values up to rounding). μ is the mean over
   the off-diagonal entries, which equals the reference's mean over the positive entries since the clamp makes
   every off-diagonal distance positive.
 - The batch of one sample (no pairs; the reference returns NaN) gives L_D = 0.
@@ -73,35 +76,41 @@ def _differences(features: torch.Tensor) -> torch.Tensor:
     return flat.unsqueeze(0) - flat.unsqueeze(1)
 
 
-def _normalized_distances(diff: torch.Tensor, squared: bool) -> torch.Tensor:
-    """ψ_D: the pairwise distances (clamped at 1e-12 before the root, 0 on the diagonal) over their mean off the
-    diagonal."""
-    b = diff.shape[0]
-    sq = diff.pow(2).sum(-1).clamp_min(EPS)
-    dist = sq if squared else sq.sqrt()
+def _norms(diff: torch.Tensor) -> torch.Tensor:
+    """(b, b, D) → (b, b): ‖e_j − e_i‖₂, computed once for both terms."""
+    return torch.linalg.vector_norm(diff, dim=2)
+
+
+def _normalized_distances(norms: torch.Tensor, squared: bool) -> torch.Tensor:
+    """ψ_D: the pairwise distances (squared ones clamped at 1e-12, hence roots at 1e-6; 0 on the diagonal) over their
+    mean off the diagonal."""
+    b = norms.shape[0]
+    dist = norms.pow(2).clamp_min(EPS) if squared else norms.clamp_min(EPS**0.5)
     off_diagonal = 1.0 - torch.eye(b, dtype=dist.dtype, device=dist.device)
     dist = dist * off_diagonal
     return dist / (dist.sum() / (b * (b - 1)))
 
 
-def _angles(diff: torch.Tensor) -> torch.Tensor:
+def _angles(diff: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
     """ψ_A: (b, b, b), entry [i, j, k] the cosine between e_j − e_i and e_k − e_i (0 where one of them is 0)."""
-    unit = F.normalize(diff, p=2, dim=2, eps=EPS)
+    unit = diff / norms.clamp_min(EPS).unsqueeze(2)  # F.normalize(diff, dim=2, eps=1e-12), the norms reused
     return unit @ unit.transpose(1, 2)
 
 
 def rkd_losses(f_s: torch.Tensor, f_t: torch.Tensor, squared: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(L_D, L_A), unweighted: smooth-L1 means over all pairs and all triplets (reference ``RKDLoss.forward``)."""
     diff_s = _differences(f_s)
+    norms_s = _norms(diff_s)
     with torch.no_grad():
         diff_t = _differences(f_t.detach())
-        angle_t = _angles(diff_t)
-    angle = F.smooth_l1_loss(_angles(diff_s), angle_t)
+        norms_t = _norms(diff_t)
+        angle_t = _angles(diff_t, norms_t)
+    angle = F.smooth_l1_loss(_angles(diff_s, norms_s), angle_t)
     if f_s.shape[0] < 2:  # no pairs: no mean distance to normalise by
         return f_s.new_zeros(()), angle
     with torch.no_grad():
-        dist_t = _normalized_distances(diff_t, squared)
-    distance = F.smooth_l1_loss(_normalized_distances(diff_s, squared), dist_t)
+        dist_t = _normalized_distances(norms_t, squared)
+    distance = F.smooth_l1_loss(_normalized_distances(norms_s, squared), dist_t)
     return distance, angle
 
 
@@ -109,7 +118,7 @@ def rkd_losses(f_s: torch.Tensor, f_t: torch.Tensor, squared: bool = False) -> t
 class RKD(Method):
     """Park et al. 2019: CE + Huber losses between student and teacher pairwise distances and triplet angles."""
 
-    version = 1
+    version = 2
     Config = RKDConfig
 
     @classmethod
