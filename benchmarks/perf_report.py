@@ -67,6 +67,8 @@ def _loop_lines(by_name: dict) -> list[str]:
         info = bench.get("extra_info", {})
         if "latency_ms" in info:
             lines += _latency_lines(info)
+        if "grouped_step" in info:
+            lines += _grouped_lines(info["grouped_step"])
     return ["", "| comparison | measured | target | met |", "|---|---|---|---|", *lines] if lines else []
 
 
@@ -82,6 +84,17 @@ def _loss_lines(infos: list[dict]) -> list[str]:
             "| method | ours (ms) | plain (ms) | plain / ours | ≥ 1.0× |", "|---|---|---|---|---|",
             *(f"| {i['method']} | {i['ours_ms']:.3f} | {i['plain_ms']:.3f} | {i['ratio']:.3f}× | "
               f"{'yes' if i['ratio'] >= 1.0 else 'no'} |" for i in sorted(infos, key=lambda i: i["method"]))]
+
+
+def _grouped_lines(info: dict) -> list[str]:
+    """One row per path of test_grouped_step.py against today's per-run step, median of per-round ratios."""
+    what = {"grouped": "seeds as one vmapped model (grouped convolutions), teacher per seed",
+            "grouped_teacher_batched": "the same, teacher once on the concatenated batches",
+            "compiled": "per-run step, student forward and loss under torch.compile"}
+    per_run = info["step_ms"]["per_run"]
+    return [f"| training step of {info['seeds']} seeds (MNIST-1D vanilla KD, one thread): {what[name]}, median of "
+            f"{info['rounds']} per-round ratios ({info['step_ms'][name]:.0f} ms vs {per_run:.0f} ms per-run) | "
+            f"{ratio:.2f}× | ≥ 3× | {'yes' if ratio >= 3 else 'no'} |" for name, ratio in info["speedup"].items()]
 
 
 def _commit(info: dict) -> str:
