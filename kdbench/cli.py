@@ -277,7 +277,8 @@ def cmd_leaderboard(args) -> int:
         print(f"wrote {args.output} and its plots under {Path(args.output).parent / PLOT_DIR}")
     elif wrong == "rows":
         print(f"{args.results_dir} has rows that cannot be published (above): finish their seeds with `kdbench run`, "
-              "or re-run records made from uncommitted code after committing it")
+              "re-run rows made with an older method version, and re-run records made from uncommitted code after "
+              "committing it")
     elif wrong == "stale":
         print(f"{args.output} or its plots differ from what {args.results_dir} gives; run `kdbench leaderboard`")
     else:

@@ -17,6 +17,7 @@ from tabulate import tabulate
 
 from kdbench import plots
 from kdbench.errors import KdbenchError
+from kdbench.method import METHODS
 from kdbench.predictions import outcomes, split_outcome
 from kdbench.published import PUBLISHED, load_published
 from kdbench.records import load_records
@@ -159,6 +160,10 @@ def _pair_table(group: pd.DataFrame, timing: dict | None, published: dict[str, t
         if incomplete:
             problems.append(f"{group['track'].iloc[0]} {teacher_name}→{group['student'].iloc[0]} {method}: "
                             f"{len(done)} of the {len(declared)} seeds the suite declares have finished records")
+        if method in METHODS and (versions := set(runs["method_version"])) != {METHODS.get(method).version}:
+            problems.append(f"{group['track'].iloc[0]} {teacher_name}→{group['student'].iloc[0]} {method}: made with "
+                            f"method version {', '.join(map(str, sorted(versions)))}, the code has version "
+                            f"{METHODS.get(method).version}: re-run the row with `kdbench run`")
         for path in runs[runs["git_dirty"] != False]["path"]:  # noqa: E712 - None (outside git) counts as dirty
             problems.append(f"{path} was made from a tree with uncommitted changes (or outside git): "
                             "commit, then re-run it with `kdbench run --force`")

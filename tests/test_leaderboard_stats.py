@@ -8,6 +8,7 @@ import pytest
 
 from kdbench.cli import main
 from kdbench.leaderboard import render
+from kdbench.method import METHODS
 from kdbench.predictions import outcomes
 from kdbench.records import load_records
 from kdbench.stats import compare, holm, verdict
@@ -64,6 +65,18 @@ def test_check_refuses_a_record_made_from_a_dirty_tree(finished_run, tmp_path, c
     path.write_text(json.dumps(raw))
     assert main(check) == 1
     assert f"{path} was made from a tree with uncommitted changes" in capsys.readouterr().out
+
+
+def test_check_refuses_a_row_made_with_an_older_method_version(finished_run, tmp_path, capsys):
+    root, check = _copy(finished_run, tmp_path)
+    for path, record in load_records(root / "results"):
+        if record.method == "vanilla_kd":
+            raw = json.loads(path.read_text())
+            raw["method_version"] -= 1
+            path.write_text(json.dumps(raw))
+    assert main(check) == 1
+    version = METHODS.get("vanilla_kd").version
+    assert f"vanilla_kd: made with method version {version - 1}, the code has version {version}" in capsys.readouterr().out
 
 
 def test_check_refuses_a_row_missing_a_declared_seed(finished_run, tmp_path, capsys):
