@@ -1,5 +1,6 @@
 """GPU check and epoch timings: the CIFAR-100 smoke suite on CUDA, then one epoch of the CRD protocol per pair
-(and per method on resnet32x4 → resnet8x4) on full-size data: random pixels written in the native format, since
+(and per method on resnet32x4 → resnet8x4), and one epoch of that pair in each opt-in speed mode (bf16 autocast,
+channels-last) against fp32 eager, on full-size data: random pixels written in the native format, since
 the timing, not the accuracy, is what is measured. Writes ``summary.json`` to ``$OUT`` (default /tmp/gpu_out).
 
     python benchmarks/gpu_epoch_times.py [cuda|cpu]
@@ -44,6 +45,17 @@ summary["smoke_seconds"] = time.perf_counter() - start
 print("smoke done", summary["smoke_seconds"], flush=True)
 
 full = expand(load_suite("cifar100"), seeds=(0,))
+# the opt-in speed modes against the same code's fp32 eager path, one epoch each, on the CRD protocol's main pair
+(base,) = [s for s in full if s.method == "vanilla_kd" and s.pair == "resnet32x4:resnet8x4"]
+summary["speed_modes"] = []
+for mode in ({}, {"channels_last": True}, {"precision": "bf16"}, {"precision": "bf16", "channels_last": True}):
+    one = base.train.model_copy(update={"epochs": 1, **mode})
+    spec = dataclasses.replace(base, suite="gpu-check", train=one,
+                               teacher_train=base.teacher_train.model_copy(update={"epochs": 1}))
+    rec = run_one(spec, out / "modes" / "-".join(f"{k}={v}" for k, v in mode.items()) or "fp32", place, mirror=None)
+    summary["speed_modes"].append({"mode": mode or "fp32 eager", "status": rec["status"],
+                                   "train_seconds": (rec["metrics"] or {}).get("train_seconds")})
+    print(json.dumps(summary["speed_modes"][-1]), flush=True)
 epoch_runs = [s for s in full if s.method == "vanilla_kd"] + [s for s in full if s.student == "resnet8x4" and s.method != "vanilla_kd"]
 summary["one_epoch"] = []
 for spec in epoch_runs:

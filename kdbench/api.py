@@ -94,7 +94,8 @@ def _times(ratio: float, smaller: str, larger: str) -> str:
 
 def distill(teacher: nn.Module, student: nn.Module, data, method: str = "vanilla_kd", *, epochs: int = 10,
             batch_size: int | None = None, lr: float = 1e-3, optimizer: str = "adamw", schedule: str = "onecycle",
-            weight_decay: float = 0.0, seed: int = 0, device: str = "cpu", val_data=None, test_data=None,
+            weight_decay: float = 0.0, seed: int = 0, device: str = "cpu", precision: str = "fp32",
+            channels_last: bool = False, val_data=None, test_data=None,
             student_stages: Sequence[str] | None = None, teacher_stages: Sequence[str] | None = None,
             timing: dict | None = None, log: bool = True, **hyperparameters) -> tuple[nn.Module, DistillReport]:
     """Train ``student`` from ``teacher`` with a registered method; returns (the trained student, its report).
@@ -103,8 +104,9 @@ def distill(teacher: nn.Module, student: nn.Module, data, method: str = "vanilla
     Without ``val_data`` a fixed, stratified 10 % of ``data`` is held out; without ``test_data`` the report is
     measured on the validation split. ``hyperparameters`` go to the method's config (``kdbench list methods``);
     ``student_stages``/``teacher_stages`` are dotted module names for the taps ``stage:<i>``; ``timing``
-    overrides the measurement settings (``threads``, ``throughput_batch``, ``min_run_time``). The run is
-    logged to MLflow unless ``log=False``.
+    overrides the measurement settings (``threads``, ``throughput_batch``, ``min_run_time``). ``precision="bf16"``
+    and ``channels_last`` are the opt-in speed modes (README, "Performance"). The run is logged to MLflow unless
+    ``log=False``.
     """
     cls = METHODS.get(method)
     config = validate_config(cls, hyperparameters)
@@ -120,7 +122,8 @@ def distill(teacher: nn.Module, student: nn.Module, data, method: str = "vanilla
     else:
         val = as_split(val_data, "val_data", dtype)
     train_cfg = _validated(TrainConfig, "training settings", epochs=epochs, batch_size=_batch_size(train, batch_size),
-                           lr=lr, optimizer=optimizer, schedule=schedule, weight_decay=weight_decay)
+                           lr=lr, optimizer=optimizer, schedule=schedule, weight_decay=weight_decay,
+                           precision=precision, channels_last=channels_last)
     measure_cfg = _validated(MeasureConfig, "timing", **(timing or {}))
     test = val if test_data is None else as_split(test_data, "test_data", dtype)
     description |= {"train": len(train), "val": len(val), "report_split": "validation" if test_data is None else "test"}

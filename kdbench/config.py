@@ -29,6 +29,21 @@ class TrainConfig(pydantic.BaseModel):
     # CPU threads while training: part of the config because a different count can change results in the last bit;
     # None leaves torch's default (all cores), 1 suits tiny models and lets `--workers` run one run per core
     threads: int | None = Field(default=None, gt=0)
+    # opt-in speed modes (README, "Performance"): off by default, and then left out of the written config, so
+    # records made before they existed keep their hashes; a run that uses one says so in its config
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: the training step's forwards under torch.autocast
+    channels_last: bool = False  # models and image batches in channels-last memory format (4-D inputs only)
+
+    @pydantic.model_serializer(mode="wrap")
+    def _without_defaults_of_opt_ins(self, handler):
+        out = handler(self)
+        for key, off in OPT_IN_DEFAULTS.items():
+            if out.get(key) == off:
+                del out[key]
+        return out
+
+
+OPT_IN_DEFAULTS = {"precision": "fp32", "channels_last": False}
 
 
 class MeasureConfig(pydantic.BaseModel):

@@ -8,6 +8,7 @@ import os
 import sys
 from collections import defaultdict
 from collections.abc import Callable
+from contextlib import nullcontext
 from functools import reduce
 from itertools import chain
 from pathlib import Path
@@ -58,6 +59,14 @@ def make_scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int):
     if cfg.schedule == "linear":
         return torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0, end_factor=0.0, total_iters=total)
     return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    """An image batch in channels-last memory format (``TrainConfig.channels_last``)."""
+    if x.dim() != 4:
+        raise KdbenchError(f"channels_last needs image batches (N, C, H, W); this track's batches have shape "
+                           f"{tuple(x.shape)}: set channels_last: false")
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 def _detached(taps: dict | None) -> dict | None:
@@ -160,6 +169,13 @@ def fit(
         adversary_step = adversary_step and data_parallel(adversary_step, ranks)
     if teacher is not None:
         teacher.eval().requires_grad_(False)
+    if cfg.channels_last:  # 4-D weights only; the others are left as they are
+        for module in (student, teacher, method):
+            if module is not None:
+                module.to(memory_format=torch.channels_last)
+    # bf16: every forward of the step (teacher, student, the method's modules and loss) under autocast; weights,
+    # gradients and optimizer state stay fp32, and so do the evaluations
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else nullcontext()
     student.train()
     method.train()
     stateful = {"student": student, "method": method, "optimizer": optimizer, "scheduler": scheduler}
@@ -177,19 +193,23 @@ def fit(
                 for i, batch in enumerate(batches):
                     idx, x, y = shard(ranks, *batch)
                     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    if cfg.channels_last:
+                        x = _channels_last(x)
                     step = epoch * steps_per_epoch + i
                     progress = step / total_steps
                     if teacher_outputs is not None:
                         t_out = teacher_outputs.rows(idx, device)
                     else:
-                        with torch.no_grad():
+                        with torch.no_grad(), autocast:
                             t_out = teacher_tapper(x) if teacher_tapper else None
                     index = idx.to(device, non_blocking=True) if wants_index else None
-                    s_out, terms = student_step(x, t_out, y, progress, index)
+                    with autocast:
+                        s_out, terms = student_step(x, t_out, y, progress, index)
                     loss = _step(optimizer, terms, f"loss at epoch {epoch + 1}, step {step}", ranks)
                     scheduler.step()
                     if adversary_step is not None:
-                        adv_terms = adversary_step(_detached(s_out), _detached(t_out), y)
+                        with autocast:
+                            adv_terms = adversary_step(_detached(s_out), _detached(t_out), y)
                         _step(adversary_optimizer, adv_terms, f"adversary loss at epoch {epoch + 1}, step {step}",
                               ranks)
                         terms = {**terms, **{f"adversary_{k}": v for k, v in adv_terms.items()}}

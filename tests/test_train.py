@@ -68,3 +68,71 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
     checkpoint.write_bytes(b"not a checkpoint")
     with pytest.raises(KdbenchError, match="is not a plain training-state file"):
         fit(student(), method(), None, tiny_data(), cfg, seed=3, checkpoint=checkpoint)
+
+
+def test_opt_in_speed_modes_are_left_out_of_a_default_config():
+    """Off, they are not written: configs (and so record and teacher-cache hashes) of older runs stay valid."""
+    default = TrainConfig(epochs=1, batch_size=8, lr=0.01)
+    assert "precision" not in default.model_dump(mode="json")
+    assert "channels_last" not in default.model_dump(mode="json")
+    on = default.model_copy(update={"precision": "bf16", "channels_last": True})
+    assert on.model_dump(mode="json") | {} == {**default.model_dump(mode="json"), "precision": "bf16",
+                                              "channels_last": True}
+    assert TrainConfig(**on.model_dump(mode="json")) == on
+
+
+def _vanilla_kd(student, teacher, data, cfg):
+    from kdbench.method import METHODS
+    from kdbench.taps import probe_shapes
+    from kdbench.sources import construct
+
+    cls = METHODS.get("vanilla_kd")
+    s_taps, t_taps = cls.taps(cls.Config())
+    x = data.train.x[:2]
+    method = construct(cls, cls.Config(), probe_shapes(student, s_taps, x, len(data.train)),
+                       probe_shapes(teacher, t_taps, x, len(data.train)), None)
+    return fit(student, method, teacher, data, cfg, seed=0)
+
+
+def _pair(name):
+    torch.manual_seed(0)
+    return create_model(f"{name}_w8"), create_model(f"{name}_w4")
+
+
+def test_bf16_trains_in_fp32_weights_with_a_different_result():
+    cfg = TrainConfig(epochs=2, batch_size=8, lr=0.01)
+    teacher, student = _pair("cnn1d")
+    fp32 = _vanilla_kd(student, teacher, tiny_data(), cfg)
+    teacher, student_bf16 = _pair("cnn1d")
+    bf16 = _vanilla_kd(student_bf16, teacher, tiny_data(), cfg.model_copy(update={"precision": "bf16"}))
+    assert all(p.dtype == torch.float32 for p in student_bf16.parameters())
+    assert all(torch.isfinite(torch.tensor(row["train_loss"])) for row in bf16)
+    assert bf16[-1]["train_loss"] != fp32[-1]["train_loss"]  # autocast did run
+    assert abs(bf16[-1]["train_loss"] - fp32[-1]["train_loss"]) < 0.25 * fp32[-1]["train_loss"]  # same training
+
+
+def tiny_images(n=32):
+    g = torch.Generator().manual_seed(0)
+    split = Split(torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g))
+    return TrackData(split, split, split, num_classes=10, in_shape=(1, 8, 8))
+
+
+def test_channels_last_trains_the_same_model_up_to_rounding():
+    cfg = TrainConfig(epochs=2, batch_size=8, lr=0.01)
+    teacher, student = _pair("cnn2d")
+    _vanilla_kd(student, teacher, tiny_images(), cfg)
+    teacher, student_cl = _pair("cnn2d")
+    _vanilla_kd(student_cl, teacher, tiny_images(), cfg.model_copy(update={"channels_last": True}))
+    conv = student_cl.blocks[1][0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    for name, value in student.state_dict().items():
+        torch.testing.assert_close(student_cl.state_dict()[name], value, rtol=1e-4, atol=1e-5)
+
+
+def test_channels_last_refuses_a_track_without_images():
+    from kdbench.errors import KdbenchError
+
+    teacher, student = _pair("cnn1d")
+    with pytest.raises(KdbenchError, match=r"channels_last needs image batches \(N, C, H, W\); this track's batches "
+                                           r"have shape \(8, 1, 40\): set channels_last: false"):
+        _vanilla_kd(student, teacher, tiny_data(), TrainConfig(epochs=1, batch_size=8, lr=0.01, channels_last=True))
