@@ -39,12 +39,14 @@ TEACHER, STUDENT, IN_SHAPE, CLASSES = "cnn1d_w32", "cnn1d_w8", (1, 40), 10
 def setting():
     (spec,) = expand(load_suite("cpu"), methods=["vanilla_kd"], tracks=["mnist1d"], pairs=[f"{TEACHER}:{STUDENT}"],
                      seeds=(0,))
+    threads = torch.get_num_threads()
     torch.set_num_threads(spec.train.threads or 1)
     torch.manual_seed(0)
     teacher = create_model(TEACHER, CLASSES, IN_SHAPE).eval().requires_grad_(False)
     batch = spec.train.batch_size
     xs, ys = torch.randn(SEEDS, batch, *IN_SHAPE), torch.randint(0, CLASSES, (SEEDS, batch))
-    return spec, teacher, xs, ys
+    yield spec, teacher, xs, ys
+    torch.set_num_threads(threads)
 
 
 def kd_loss(z_s, z_t, y, c):
@@ -70,8 +72,7 @@ class PerRun:
         self.c, self.teacher = spec.method_config, teacher
         self.models = students()
         self.optimizers = [make_optimizer(m.parameters(), spec.train) for m in self.models]
-        forward = [torch.compile(m) for m in self.models] if compiled else self.models
-        self.forward = forward
+        self.forward = [torch.compile(m) for m in self.models] if compiled else self.models
 
     def step(self, xs, ys):
         for model, opt, x, y in zip(self.forward, self.optimizers, xs, ys):

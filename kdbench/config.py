@@ -37,13 +37,13 @@ class TrainConfig(pydantic.BaseModel):
     @pydantic.model_serializer(mode="wrap")
     def _without_defaults_of_opt_ins(self, handler):
         out = handler(self)
-        for key, off in OPT_IN_DEFAULTS.items():
-            if out.get(key) == off:
+        for key in OPT_IN:
+            if out.get(key) == type(self).model_fields[key].default:
                 del out[key]
         return out
 
 
-OPT_IN_DEFAULTS = {"precision": "fp32", "channels_last": False}
+OPT_IN = ("precision", "channels_last")  # TrainConfig fields written only when they differ from their default
 
 
 class MeasureConfig(pydantic.BaseModel):

@@ -160,10 +160,11 @@ def _pair_table(group: pd.DataFrame, timing: dict | None, published: dict[str, t
         if incomplete:
             problems.append(f"{group['track'].iloc[0]} {teacher_name}→{group['student'].iloc[0]} {method}: "
                             f"{len(done)} of the {len(declared)} seeds the suite declares have finished records")
-        if method in METHODS and (versions := set(runs["method_version"])) != {METHODS.get(method).version}:
+        code_version = METHODS.get(method).version if method in METHODS else None
+        if code_version is not None and (versions := set(runs["method_version"])) != {code_version}:
             problems.append(f"{group['track'].iloc[0]} {teacher_name}→{group['student'].iloc[0]} {method}: made with "
                             f"method version {', '.join(map(str, sorted(versions)))}, the code has version "
-                            f"{METHODS.get(method).version}: re-run the row with `kdbench run`")
+                            f"{code_version}: re-run the row with `kdbench run`")
         for path in runs[runs["git_dirty"] != False]["path"]:  # noqa: E712 - None (outside git) counts as dirty
             problems.append(f"{path} was made from a tree with uncommitted changes (or outside git): "
                             "commit, then re-run it with `kdbench run --force`")
