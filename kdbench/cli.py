@@ -25,6 +25,11 @@ EXAMPLES = {  # shown under "examples:" in each command's --help
         "kdbench run --suite cifar100-smoke --data-root ~/data --download --device cpu    # one epoch, a few batches",
         "kdbench run --suite cpu --executor ray --address auto    # the grid as tasks on a running Ray cluster",
     ],
+    "tune": [
+        "kdbench tune --suite cpu --track mnist1d --method vanilla_kd    # the suite's budget; writes its tuning file",
+        "kdbench tune --suite cpu --track mnist1d --method vanilla_kd --trials 4 --output /tmp/tuning.json",
+        "kdbench tune --suite cpu --storage postgresql://user:pw@db/kdbench    # run this on several machines at once",
+    ],
     "leaderboard": [
         "kdbench leaderboard            # regenerate leaderboard.md from results/",
         "kdbench leaderboard --check    # what CI runs: exit 1 if leaderboard.md is stale",
@@ -171,6 +176,29 @@ def _progress_line(done: int, total: int, spec, record: dict, elapsed: float) ->
     eta = f"; ETA {elapsed / done * (total - done):.0f}s" if done < total else ""
     result = f"test top-1 {top1:.2f}%" if top1 is not None else record["error"]
     return f"[{done}/{total}] {spec.label()}: {record['status']}, {result} ({elapsed:.0f}s elapsed{eta})"
+
+
+def cmd_tune(args) -> int:
+    """``kdbench tune``: the rows' Optuna studies (kdbench.tuning), resumed or joined where they exist."""
+    from kdbench.suite import expand, load_suite
+    from kdbench.tuned import tuning_path
+    from kdbench.tuning import tune
+
+    suite = load_suite(args.suite)
+    specs = expand(suite, _split_list(args.method), _split_list(args.track), _split_list(args.pair), tuned=False)
+    rows = list({(s.track, s.pair, s.method): s for s in specs}.values())  # one spec per row; seeds come from tune
+    trials = _positive(args.trials, "--trials") if args.trials else None
+    output = Path(args.output) if args.output else suite.tune and tuning_path(suite.tune)
+    log = (lambda msg: print(msg, file=sys.stderr, flush=True))
+    started = time.perf_counter()
+    entries = tune(suite, rows, trials, args.storage, output, _context(args, suite.tier), log)
+    table = [(e.track, e.pair, e.method, f"{e.best_val_top1:.2f}", f"[{e.interval[0]:.2f}, {e.interval[1]:.2f}]",
+              e.trials, ", ".join(f"{k} {v:.3g}" for k, v in {**e.values.method, **e.values.train}.items()))
+             for e in entries]
+    print(tabulate(table, headers=["track", "pair", "method", "best val top-1 %", "95 % (tuning seeds)", "trials",
+                                   "chosen"], tablefmt="simple", disable_numparse=True))
+    print(f"{len(entries)} row(s) tuned in {time.perf_counter() - started:.1f}s; outcomes in {output}")
+    return 0
 
 
 def cmd_reproduce(args) -> int:
@@ -439,6 +467,21 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: start a local Ray instance)")
     p.add_argument("--force", action="store_true", help="redo runs that already have a finished record")
     p.set_defaults(func=cmd_run)
+
+    p = add("tune", "equal-budget hyperparameter search with Optuna on the validation split; writes the tuning file")
+    p.add_argument("--suite", default="cpu", help="suite name or YAML path (default: cpu); its tune section sets the "
+                   "budget, the tuning seeds and the training search space")
+    p.add_argument("--method", action="append", help="only these methods (repeat or comma-separate)")
+    p.add_argument("--track", action="append", help="only these tracks")
+    p.add_argument("--pair", action="append", help="only these pairs, as teacher:student")
+    p.add_argument("--trials", help="trials per row (default: the suite's budget; a row tuned with another budget "
+                   "is reported stale by leaderboard --check)")
+    p.add_argument("--storage", help="Optuna storage URL (default: sqlite under $KDBENCH_HOME, tuning.db); a "
+                   "database server lets several machines share the studies")
+    p.add_argument("--output", help="the tuning file to write (default: the suite's, benchmarks/tuning/<file>.json)")
+    p.add_argument("--data-root", help="folder with the datasets of full-tier tracks")
+    p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default auto: cuda for GPU-tier suites)")
+    p.set_defaults(func=cmd_tune)
 
     p = add("leaderboard", "regenerate leaderboard.md from the records")
     p.add_argument("--results-dir", default="results")

@@ -78,6 +78,7 @@ class RunSpec:
     limit: tuple[tuple[str, int], ...] = ()  # smoke runs: at most this many samples per split
     world_size: int = 1  # processes training this one run with DDP (torchrun); train.batch_size is the global batch
     suite_seeds: tuple[int, ...] = ()  # every seed the suite declares for this row (not part of the config)
+    tuning: dict | None = None  # a tuned run: its study, budget and the study's sha256 (kdbench.tuned)
 
     @property
     def pair(self) -> str:
@@ -91,7 +92,8 @@ class RunSpec:
                        "per_rank_batch": self.train.batch_size // self.world_size,
                        "sync_batchnorm": False}  # batch norm statistics stay per process
         return ({"pretrained": pretrained} if pretrained else {}) | (
-            {"distributed": distributed} if self.world_size > 1 else {}) | {
+            {"distributed": distributed} if self.world_size > 1 else {}) | (
+            {"tuning": self.tuning} if self.tuning else {}) | {
             "track": self.track,
             "data": data_description,
             "teacher": self.teacher,
@@ -125,10 +127,13 @@ class RunSpec:
             limit=tuple(sorted(c["data"].get("limit", {}).items())),
             world_size=c.get("distributed", {}).get("world_size", 1),
             suite_seeds=tuple(getattr(record, "suite_seeds", None) or ()),
+            tuning=c.get("tuning"),
         )
 
     def label(self) -> str:
         label = f"{self.track} {self.pair} {self.method} seed {self.seed}"
+        if self.tuning:
+            label += f" (tuned, {self.tuning['budget']} trials)"
         if self.world_size > 1:
             label += f" (DDP on {self.world_size} processes, global batch {self.train.batch_size})"
         return label

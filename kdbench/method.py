@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pydantic
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from pydantic import Field
 import torch
 import torch.nn.functional as F
@@ -83,6 +84,10 @@ class Method(nn.Module):
     variant_defaults: ClassVar[dict[str, Any]] = {}
     needs_teacher: ClassVar[bool] = True
     Config: ClassVar[type[MethodConfig]] = MethodConfig
+    # ``kdbench tune``: the Config fields searched and their ranges (Optuna distributions, e.g.
+    # ``FloatDistribution(1.0, 8.0, log=True)``), each holding the field's default (the paper's); the suite's
+    # training hyperparameters are searched beside them, the same for every method
+    search_space: ClassVar[dict[str, BaseDistribution]] = {}
 
     def __init__(self, config: MethodConfig, student_shapes: Shapes, teacher_shapes: Shapes):
         super().__init__()
@@ -193,6 +198,7 @@ def register_method(name: str, variants: dict[str, dict[str, Any]] | None = None
             raise KdbenchError(f"method {name!r}: its Config must subclass kdbench.method.MethodConfig")
         if cls.loss is Method.loss:
             raise KdbenchError(f"method {name!r} defines no loss(student, teacher, target, progress)")
+        _check_search_space(name, cls)
         stem = cls.__module__.removeprefix(_MODULE_PREFIX)
         if cls.__module__.startswith(_MODULE_PREFIX) and stem != name:
             raise KdbenchError(f"method {name!r} is defined in {stem}.py; a method's file must be named {name}.py")
@@ -205,6 +211,26 @@ def register_method(name: str, variants: dict[str, dict[str, Any]] | None = None
     return add
 
 
+def _check_search_space(name: str, cls: type[Method]) -> None:
+    """Each searched field is a Config field whose default lies in its range (variants' defaults checked too)."""
+    for field, space in cls.search_space.items():
+        if field not in cls.Config.model_fields:
+            raise KdbenchError(f"method {name!r}: search_space names {field!r}, which its Config does not have")
+        if not isinstance(space, (FloatDistribution, IntDistribution, CategoricalDistribution)):
+            raise KdbenchError(f"method {name!r}: search_space[{field!r}] must be an optuna FloatDistribution, "
+                               f"IntDistribution or CategoricalDistribution, not {type(space).__name__}")
+        if not in_space(space, cls.Config.model_fields[field].default):
+            raise KdbenchError(f"method {name!r}: the default of {field!r} "
+                               f"({cls.Config.model_fields[field].default!r}) lies outside its search space {space}")
+
+
+def in_space(space: BaseDistribution, value: Any) -> bool:
+    """Whether ``value`` is one of the values ``space`` can take."""
+    if isinstance(space, CategoricalDistribution):
+        return value in space.choices
+    return isinstance(value, (int, float)) and space.low <= value <= space.high
+
+
 def _variant(cls: type[Method], name: str, defaults: dict[str, Any]) -> type[Method]:
     """A subclass of ``cls`` registered as ``name`` whose Config has other defaults (validated like any value)."""
     if not name.startswith(cls.name + "+") or not name[len(cls.name) + 1:].isidentifier():
@@ -213,6 +239,10 @@ def _variant(cls: type[Method], name: str, defaults: dict[str, Any]) -> type[Met
     if unknown:
         raise KdbenchError(f"variant {name!r}: {cls.name}'s Config has no field {sorted(unknown)[0]!r}")
     validate_config(cls, defaults)
+    outside = [k for k, v in defaults.items() if k in cls.search_space and not in_space(cls.search_space[k], v)]
+    if outside:
+        raise KdbenchError(f"variant {name!r}: its {outside[0]} ({defaults[outside[0]]!r}) lies outside {cls.name}'s "
+                           f"search space {cls.search_space[outside[0]]}")
     fields = {}
     for key, value in defaults.items():
         info = copy.copy(cls.Config.model_fields[key])

@@ -16,7 +16,7 @@ from kdbench.distributed import Ranks, barrier, is_main
 from kdbench.errors import KdbenchError
 from kdbench.timing_lock import exclusive_use
 from kdbench.metrics import cost_metrics, flops_per_sample, predict, top1
-from kdbench.method import METHODS
+from kdbench.method import METHODS, Method
 from kdbench.models import (
     count_params,
     create_model,
@@ -27,9 +27,9 @@ from kdbench.models import (
 from kdbench.predictions import split_predictions
 from kdbench.records import load_record, new_record, record_path, write_record
 from kdbench.sources import build_methods, distillation_source, stand_in_source
-from kdbench.teachers import cached_teacher_outputs, load_or_train_teacher, teacher_path, trained_from
+from kdbench.teachers import TeacherOutputs, cached_teacher_outputs, load_or_train_teacher, teacher_path, trained_from
 from kdbench.tracking import log_run
-from kdbench.tracks import TrackData, load_track
+from kdbench.tracks import TrackData, load_track, sealed
 from kdbench.paths import kdbench_home
 from kdbench.train import DivergedError, fit
 
@@ -65,10 +65,26 @@ def run_one(spec: RunSpec, results_dir: Path, place: Placement = Placement(), lo
     return record
 
 
-def train_and_measure(spec: RunSpec, place: Placement = Placement(), log=None) -> dict | None:
-    """One run's record (status ``failed`` when it diverges), written nowhere: the caller keeps it. Under DDP
-    (``place.ranks``) every process trains, the main one alone measures (the others wait, so timings run on an
-    idle machine) and returns the record; the others return None."""
+@dataclass(frozen=True)
+class Prepared:
+    """A run ready to train: its data (one fold on a cross-validated track), teacher, what the method distils from,
+    the student, the method and the teacher's cached outputs."""
+
+    data: TrackData
+    description: dict  # the track's data description (the config's ``data``)
+    teacher: nn.Module
+    teacher_key: str
+    source: nn.Module
+    about_source: dict
+    student: nn.Module
+    method: Method
+    teacher_outputs: TeacherOutputs | None
+    about_outputs: dict
+
+
+def prepare(spec: RunSpec, place: Placement = Placement(), seal_test: bool = False) -> Prepared:
+    """Everything a run trains with, built and seeded as every run builds it. ``seal_test``: the run's test split is
+    replaced by one that refuses to be read (tuning), and nothing is measured on it."""
     world_size = place.ranks.world_size if place.ranks else 1
     if spec.world_size != world_size:
         raise KdbenchError(f"{spec.label()}: its config trains on {spec.world_size} process(es), this command runs "
@@ -77,30 +93,43 @@ def train_and_measure(spec: RunSpec, place: Placement = Placement(), log=None) -
     deterministic(place.device)
     base = track_data(spec, place)
     data = base.for_seed(spec.seed)  # a cross-validated track's fold; the config names the scheme, not the fold
-    config = spec.config(base.description, pretrained_digests(spec, place))
+    if seal_test:
+        data = sealed(data)
     teacher, teacher_key = load_or_train_teacher(spec.track, data, spec.teacher, spec.teacher_train, spec.teacher_seed,
                                                  place.device, place.data_root)
     source, source_key, about_source = distillation_source(spec, teacher, teacher_key, data, place.device,
-                                                           place.data_root)
+                                                           place.data_root, describe=not seal_test)
     torch.manual_seed(spec.seed)
     student = create_model(spec.student, data.num_classes, data.in_shape, place.data_root).to(place.device)
     (method,) = build_methods([spec], data, student, source, _peer_maker(spec, data, place))
     method.to(place.device)
-    record = new_record(spec.suite, spec.seed, config, spec.measure.threads, place.device,
-                        suite_seeds=list(spec.suite_seeds), teacher_sha256=teacher_key,
-                        **({"ddp_backend": place.ranks.backend} if place.ranks else {}),
-                        teacher_trained_from=spec.teacher_train and trained_from(
-                            teacher_path(spec.track, spec.teacher, teacher_key)),
-                        **({"source": about_source} if about_source else {}))
-    teacher_outputs, record["teacher_outputs"] = (
+    teacher_outputs, about_outputs = (
         cached_teacher_outputs(source, method.taps(method.config)[1], data.train, source_key)
         if method.needs_teacher else (None, {"cached": False, "reason": "the method uses no teacher"}))
+    return Prepared(data, base.description, teacher, teacher_key, source, about_source, student, method,
+                    teacher_outputs, about_outputs)
+
+
+def train_and_measure(spec: RunSpec, place: Placement = Placement(), log=None) -> dict | None:
+    """One run's record (status ``failed`` when it diverges), written nowhere: the caller keeps it. Under DDP
+    (``place.ranks``) every process trains, the main one alone measures (the others wait, so timings run on an
+    idle machine) and returns the record; the others return None."""
+    run = prepare(spec, place)
+    data, student, method = run.data, run.student, run.method
+    config = spec.config(run.description, pretrained_digests(spec, place))
+    record = new_record(spec.suite, spec.seed, config, spec.measure.threads, place.device,
+                        suite_seeds=list(spec.suite_seeds), teacher_sha256=run.teacher_key,
+                        **({"ddp_backend": place.ranks.backend} if place.ranks else {}),
+                        teacher_trained_from=spec.teacher_train and trained_from(
+                            teacher_path(spec.track, spec.teacher, run.teacher_key)),
+                        **({"source": run.about_source} if run.about_source else {}))
+    record["teacher_outputs"] = run.about_outputs
     checkpoint = kdbench_home() / "checkpoints" / f"{spec.track}-{record['config_sha256'][:16]}-seed{spec.seed}.pt"
     start = time.perf_counter()
     history: list[dict] = []
     try:
-        history = fit(student, method, source, data, spec.train, spec.seed, _progress(spec, log), checkpoint,
-                      teacher_outputs, place.ranks)
+        history = fit(student, method, run.source, data, spec.train, spec.seed, _progress(spec, log), checkpoint,
+                      run.teacher_outputs, place.ranks)
     except DivergedError as exc:
         record.update(status="failed", error=f"diverged: {exc}", metrics=None)
     else:
@@ -109,7 +138,7 @@ def train_and_measure(spec: RunSpec, place: Placement = Placement(), log=None) -
             preds = {"test": predict(student, data.test), "val": predict(student, data.val)}
             record.update(status="finished", predictions={name: split_predictions(preds[name], getattr(data, name))
                                                           for name in preds},
-                          metrics=run_metrics(student, method, teacher, data, spec.measure,
+                          metrics=run_metrics(student, method, run.teacher, data, spec.measure,
                                               time.perf_counter() - start, spec.train.epochs, preds=preds))
     barrier(place.ranks)  # the other processes start nothing new while the main one measures
     if not is_main(place.ranks):
@@ -117,6 +146,14 @@ def train_and_measure(spec: RunSpec, place: Placement = Placement(), log=None) -
     record["history"] = history
     checkpoint.unlink(missing_ok=True)
     return record
+
+
+def validation_curve(spec: RunSpec, place: Placement = Placement(), on_epoch=None) -> list[dict]:
+    """Train one run as ``train_and_measure`` does, with its test split sealed, and return its per-epoch history
+    (validation top-1 after every epoch); nothing is written. Raises ``DivergedError`` when the loss diverges."""
+    run = prepare(spec, place, seal_test=True)
+    return fit(run.student, run.method, run.source, run.data, spec.train, spec.seed, on_epoch,
+               teacher_outputs=run.teacher_outputs)
 
 
 def is_finished(results_dir: Path, spec: RunSpec) -> bool:

@@ -118,12 +118,14 @@ def _dry_loss(spec: RunSpec, method, student_out: dict, teacher_out: dict, targe
 
 
 def distillation_source(spec: RunSpec, teacher: nn.Module, teacher_key: str, data: TrackData, device: str = "cpu",
-                        data_root: Path | None = None) -> tuple[nn.Module, str, dict]:
+                        data_root: Path | None = None, describe: bool = True) -> tuple[nn.Module, str, dict]:
     """(the model the run's method distils from, its cache key, what the record says of it: {} for the pair's
-    teacher alone). Ensemble members and assistants are trained (or loaded) and cached like teachers."""
+    teacher alone). Ensemble members and assistants are trained (or loaded) and cached like teachers. Without
+    ``describe`` (tuning: the test split is sealed) nothing is said of them, and nothing is measured on test."""
     cls = METHODS.get(spec.method)
     config = cls.Config(**spec.method_config)
     source, key, about = teacher, teacher_key, {}
+    test_top1 = (lambda net: top1(predict(net, data.test), data.test.y)) if describe else (lambda net: None)
     members = cls.teacher_members(config)
     if members:
         nets, described = [], []
@@ -133,17 +135,17 @@ def distillation_source(spec: RunSpec, teacher: nn.Module, teacher_key: str, dat
                                                     data_root)
             nets.append(net)
             described.append({"teacher": name, "seed": seed, "key": member_key,
-                              "test_top1": top1(predict(net, data.test), data.test.y),
+                              "test_top1": test_top1(net),
                               "trained_from": spec.teacher_train and trained_from(
                                   teacher_path(spec.track, name, member_key))})
         source = TeacherEnsemble(nets).eval()
         key = sha256_of({"ensemble": [m["key"] for m in described]})
-        about["teacher_ensemble"] = {"members": described, "test_top1": top1(predict(source, data.test), data.test.y)}
+        about["teacher_ensemble"] = {"members": described, "test_top1": test_top1(source)}
     for architecture in cls.assistants(config):
         source, key, described = _load_or_distill_assistant(_assistant_spec(spec, architecture), source, key, data,
                                                             device, data_root)
-        about.setdefault("assistants", []).append(described)
-    return source, key, about
+        about.setdefault("assistants", []).append({**described, "test_top1": test_top1(source)})
+    return source, key, about if describe else {}
 
 
 def _assistant_spec(spec: RunSpec, architecture: str) -> RunSpec:
@@ -176,7 +178,6 @@ def _load_or_distill_assistant(spec: RunSpec, source: nn.Module, source_key: str
             fit(assistant, method, source, data, spec.train, spec.seed, teacher_outputs=outputs)
             seconds = time.perf_counter() - start
             described = {"architecture": spec.student, "key": key, "params": count_params(assistant),
-                         "test_top1": top1(predict(assistant, data.test), data.test.y),
                          "val_top1": top1(predict(assistant, data.val), data.val.y), "train_seconds": seconds}
             write_atomic(about_path, json.dumps(described, indent=1))
             save_weights(assistant, path)

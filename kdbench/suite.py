@@ -19,6 +19,7 @@ from kdbench.models import MODELS
 from kdbench.paths import shipped
 from kdbench.registry import unknown_name_message
 from kdbench.tracks import TRACKS
+from kdbench.tuned import TuneSpec, TuningEntry, load_tuning, tuning_path
 
 SUITES_DIR = shipped("suites")
 
@@ -52,6 +53,7 @@ class Suite(pydantic.BaseModel):
     methods: dict[str, dict] = {}
     measure: MeasureConfig = MeasureConfig()
     tracks: dict[str, TrackSpec] = Field(min_length=1)
+    tune: TuneSpec | None = None  # kdbench tune's equal budget; its tuning file's settings are used where present
 
 
 def suite_files() -> dict[str, Path]:
@@ -77,6 +79,9 @@ def load_suite(name_or_path: str) -> Suite:
     except pydantic.ValidationError as exc:
         raise KdbenchError(f"{path}: {format_validation_error(exc)}") from None
     _check_names(suite, path)
+    if suite.tune is not None and suite.tune.file.endswith(".json"):  # a tuning file beside the suite's
+        tune = suite.tune.model_copy(update={"file": str((path.parent / suite.tune.file).resolve())})
+        suite = suite.model_copy(update={"tune": tune})
     return suite
 
 
@@ -91,6 +96,14 @@ def _check_names(suite: Suite, path: Path) -> None:
         for method in [*suite.methods, *suite.excluded, *spec.methods, *(m for p in spec.pairs for m in p.methods)]:
             if method not in METHODS:
                 raise KdbenchError(f"{path}: {unknown_name_message('method', method, METHODS.names())}")
+    if suite.tune is not None:
+        for track, seeds in suite.tune.seeds.items():
+            if track not in suite.tracks:
+                raise KdbenchError(f"{path}: tune.seeds: {unknown_name_message('track', track, suite.tracks)}")
+            reported = set(suite.tracks[track].seeds or suite.seeds) & set(seeds)
+            if reported:
+                raise KdbenchError(f"{path}: tune.seeds of {track} include reported seed(s) {sorted(reported)}; "
+                                   "tuning seeds must be disjoint from the seeds the suite reports")
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
@@ -110,8 +123,10 @@ def expand(
     tracks: list[str] | None = None,
     pairs: list[str] | None = None,
     seeds: tuple[int, ...] | None = None,
+    tuned: bool = True,
 ) -> list[RunSpec]:
-    """The suite's runs, optionally narrowed; every config is validated before anything trains."""
+    """The suite's runs, optionally narrowed; every config is validated before anything trains. Where the suite's
+    tuning file has an entry for a row (and ``tuned``), the row runs with the tuned values and says so."""
     for name in methods or ():
         METHODS.get(name)
     for name in tracks or ():
@@ -121,6 +136,7 @@ def expand(
     for name in pairs or ():
         if name not in all_pairs:
             raise KdbenchError(f"suite {suite.name}: " + unknown_name_message("pair", name, all_pairs))
+    entries = load_tuning(tuning_path(suite.tune), suite.name) if tuned and suite.tune else {}
     method_names = methods or ([n for n in METHODS.names() if n not in suite.excluded] if suite.all_methods
                                else list(suite.methods))
     specs = []
@@ -133,7 +149,10 @@ def expand(
             for name in method_names:
                 cls = METHODS.get(name)
                 overrides = {**suite.methods.get(name, {}), **tspec.methods.get(name, {}), **pair.methods.get(name, {})}
-                config = validate_config(cls, overrides).model_dump(mode="json")
+                entry = entries.get((track, f"{pair.teacher}:{pair.student}", name))
+                train = _tuned_train(tspec.train, entry)
+                config = validate_config(cls, {**overrides, **(entry.values.method if entry else {})}).model_dump(
+                    mode="json")
                 declared = tspec.seeds or suite.seeds
                 for seed in seeds or declared:
                     specs.append(
@@ -146,12 +165,19 @@ def expand(
                             method_version=cls.version,
                             method_config=config,
                             seed=seed,
-                            train=tspec.train,
+                            train=train,
                             teacher_train=tspec.teacher_train,
                             teacher_seed=tspec.teacher_seed,
                             measure=suite.measure,
                             limit=tuple(sorted(tspec.limit.items())),
                             suite_seeds=declared,
+                            tuning=entry.applied() if entry else None,
                         )
                     )
     return specs
+
+
+def _tuned_train(train: TrainConfig, entry: TuningEntry | None) -> TrainConfig:
+    if entry is None or not entry.values.train:
+        return train
+    return TrainConfig(**{**train.model_dump(), **entry.values.train})

@@ -27,6 +27,7 @@ Deviations:
 - TODO each way this file differs from the paper or the reference code, and why (or "none").
 """
 
+from optuna.distributions import FloatDistribution
 from pydantic import Field
 
 from kdbench.method import Method, MethodConfig, register_method
@@ -42,6 +43,9 @@ class ${class_name}(Method):
 
     version = 1  # bump when what loss() computes changes
     Config = ${class_name}Config
+    # what `kdbench tune` searches (TODO: the range you would try, holding the default); the suite's training
+    # hyperparameters are searched beside it, the same for every method
+    search_space = {"weight": FloatDistribution(0.1, 10.0, log=True)}
     # Optional: needs_teacher = False (no teacher at all); trainable modules built in __init__ from the tap
     # shapes (this method's own parameters, e.g. a regressor: methods/fitnets.py); an ``adversary`` module with
     # adversary_loss and adversary_optimizer (methods/adversarial.py); on_step_end(progress) for state; peers

@@ -130,3 +130,29 @@ def _log_run(mlflow, record: dict) -> None:
         mlflow.log_dict(record, "record.json")
         if record["status"] != "finished":
             mlflow.end_run(status="FAILED")
+
+
+def log_trial(study: str, number: int, params: dict, curve: list[float], finals: list[float]) -> None:
+    """One tuning trial as an MLflow run nested under its study's run (experiment ``kdbench-tune``): its
+    parameters, its validation curve (all tuning seeds in turn) and each seed's final validation top-1. Warns,
+    never raises, when the store is unreachable."""
+    try:
+        with _writer_lock():
+            mlflow = _mlflow()
+            experiment_id = _experiment_id(mlflow, "kdbench-tune")
+            parents = mlflow.search_runs([experiment_id], f"tags.study = '{study}' and tags.kind = 'study'",
+                                         output_format="list")
+            parent = parents[0].info.run_id if parents else mlflow.start_run(
+                experiment_id=experiment_id, run_name=study, tags={"study": study, "kind": "study"}).info.run_id
+            if not parents:
+                mlflow.end_run()
+            with mlflow.start_run(experiment_id=experiment_id, run_name=f"{study} trial {number}", tags={
+                    "study": study, "kind": "trial", "trial": str(number), "mlflow.parentRunId": parent}):
+                mlflow.log_params(params)
+                for step, value in enumerate(curve, 1):
+                    mlflow.log_metric("val_top1", value, step=step)
+                if finals:
+                    mlflow.log_metric("mean_final_val_top1", sum(finals) / len(finals))
+    except Exception as exc:  # noqa: BLE001 - tracking must never stop a search
+        print(f"warning: trial {number} of {study} not logged to MLflow at {tracking_uri()}: "
+              f"{type(exc).__name__}: {exc}", file=sys.stderr)

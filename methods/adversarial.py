@@ -40,6 +40,7 @@ Deviations:
 - One D step per student step on the same batch (the trainer's alternation); the paper's schedule [UNVERIFIED].
 """
 
+from optuna.distributions import FloatDistribution
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -67,6 +68,9 @@ class Adversarial(Method):
 
     version = 1
     Config = AdversarialConfig
+    search_space = {  # kdbench tune: log-uniform, each holding the default
+        "adv_weight": FloatDistribution(0.01, 10.0, log=True),
+    }
 
     def __init__(self, config, student_shapes, teacher_shapes):
         super().__init__(config, student_shapes, teacher_shapes)

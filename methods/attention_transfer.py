@@ -62,6 +62,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+from optuna.distributions import FloatDistribution
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_serializer, model_validator
@@ -150,6 +151,9 @@ class AttentionTransfer(Method):
 
     version = 1
     Config = AttentionTransferConfig
+    search_space = {  # kdbench tune: log-uniform, each holding the default
+        "beta": FloatDistribution(1.0, 10000.0, log=True),
+    }
 
     def __init__(self, config: AttentionTransferConfig, student_shapes, teacher_shapes):
         super().__init__(config, student_shapes, teacher_shapes)

@@ -84,6 +84,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+from optuna.distributions import FloatDistribution
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -131,6 +132,10 @@ class CRD(Method):
 
     version = 1
     Config = CRDConfig
+    search_space = {  # kdbench tune: log-uniform, each holding the default
+        "crd_weight": FloatDistribution(0.05, 5.0, log=True),
+        "nce_t": FloatDistribution(0.03, 0.3, log=True),
+    }
 
     def __init__(self, config: CRDConfig, student_shapes, teacher_shapes):
         super().__init__(config, student_shapes, teacher_shapes)

@@ -34,6 +34,7 @@ near-constant rows or columns). The intra-class term needs more than one sample:
 constant, its correlation is 0 and intra is τ² with no gradient, as in the reference.
 """
 
+from optuna.distributions import FloatDistribution
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -65,6 +66,11 @@ class DIST(Method):
 
     version = 1
     Config = DISTConfig
+    search_space = {  # kdbench tune: log-uniform, each holding the default
+        "beta": FloatDistribution(0.25, 8.0, log=True),
+        "gamma": FloatDistribution(0.25, 8.0, log=True),
+        "temperature": FloatDistribution(1.0, 8.0, log=True),
+    }
 
     def loss(self, student, teacher, target, progress):
         c = self.config

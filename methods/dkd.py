@@ -53,6 +53,7 @@ Deviations:
 - The reference returns one ``loss_kd``; here it is split into ``tckd`` and ``nckd`` (same sum).
 """
 
+from optuna.distributions import FloatDistribution
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -109,6 +110,11 @@ class DKD(Method):
 
     version = 1
     Config = DKDConfig
+    search_space = {  # kdbench tune: log-uniform, each holding the default
+        "alpha": FloatDistribution(0.25, 16.0, log=True),
+        "beta": FloatDistribution(0.5, 128.0, log=True),
+        "temperature": FloatDistribution(1.0, 8.0, log=True),
+    }
 
     def loss(self, student, teacher, target, progress):
         c = self.config

@@ -28,6 +28,7 @@ Deviations:
 - Only the student is evaluated and reported; the paper reports each network (and their mean).
 """
 
+from optuna.distributions import FloatDistribution
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -60,6 +61,9 @@ class DML(Method):
 
     version = 1
     Config = DMLConfig
+    search_space = {  # kdbench tune: log-uniform, each holding the default
+        "kl_weight": FloatDistribution(0.1, 4.0, log=True),
+    }
     needs_teacher = False
 
     def __init__(self, config, student_shapes, teacher_shapes, peers: list[nn.Module]):

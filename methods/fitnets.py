@@ -55,6 +55,7 @@ Deviations:
 
 from __future__ import annotations
 
+from optuna.distributions import FloatDistribution
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -118,6 +119,9 @@ class FitNets(Method):
 
     version = 1
     Config = FitNetsConfig
+    search_space = {  # kdbench tune: log-uniform, each holding the default
+        "hint_weight": FloatDistribution(0.1, 1000.0, log=True),
+    }
 
     def __init__(self, config: FitNetsConfig, student_shapes, teacher_shapes):
         super().__init__(config, student_shapes, teacher_shapes)

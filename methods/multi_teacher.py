@@ -34,6 +34,7 @@ Deviations:
 
 from typing import Literal
 
+from optuna.distributions import FloatDistribution
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -78,6 +79,10 @@ class MultiTeacher(Method):
 
     version = 1
     Config = MultiTeacherConfig
+    search_space = {  # kdbench tune: log-uniform, each holding the default
+        "temperature": FloatDistribution(1.0, 8.0, log=True),
+        "kd_weight": FloatDistribution(0.1, 10.0, log=True),
+    }
 
     @classmethod
     def teacher_members(cls, config):

@@ -45,6 +45,7 @@ Deviations:
 
 from __future__ import annotations
 
+from optuna.distributions import FloatDistribution
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -101,6 +102,9 @@ class NST(Method):
 
     version = 1
     Config = NSTConfig
+    search_space = {  # kdbench tune: log-uniform, each holding the default
+        "beta": FloatDistribution(0.1, 500.0, log=True),
+    }
 
     def __init__(self, config: NSTConfig, student_shapes, teacher_shapes):
         super().__init__(config, student_shapes, teacher_shapes)

@@ -34,6 +34,7 @@ Deviations:
 
 from __future__ import annotations
 
+from optuna.distributions import FloatDistribution
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -70,6 +71,9 @@ class PKT(Method):
 
     version = 1
     Config = PKTConfig
+    search_space = {  # kdbench tune: log-uniform, each holding the default
+        "beta": FloatDistribution(100.0, 100000.0, log=True),
+    }
 
     @classmethod
     def taps(cls, config):

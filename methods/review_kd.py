@@ -76,6 +76,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
+from optuna.distributions import FloatDistribution
 import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator
@@ -166,6 +167,9 @@ class ReviewKD(Method):
 
     version = 1
     Config = ReviewKDConfig
+    search_space = {  # kdbench tune: log-uniform, each holding the default
+        "review_weight": FloatDistribution(0.1, 20.0, log=True),
+    }
 
     def __init__(self, config: ReviewKDConfig, student_shapes, teacher_shapes):
         super().__init__(config, student_shapes, teacher_shapes)

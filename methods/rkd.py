@@ -50,6 +50,7 @@ Deviations:
 
 from __future__ import annotations
 
+from optuna.distributions import FloatDistribution
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -120,6 +121,10 @@ class RKD(Method):
 
     version = 2
     Config = RKDConfig
+    search_space = {  # kdbench tune: log-uniform, each holding the default
+        "distance_weight": FloatDistribution(0.25, 100.0, log=True),
+        "angle_weight": FloatDistribution(0.5, 200.0, log=True),
+    }
 
     @classmethod
     def taps(cls, config):

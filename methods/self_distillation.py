@@ -57,6 +57,7 @@ Deviations:
   sit after every layer; the sst2 suite puts heads after every student layer but the last.
 """
 
+from optuna.distributions import FloatDistribution
 import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator
@@ -133,6 +134,10 @@ class SelfDistillation(Method):
     version = 1
     needs_teacher = False
     Config = SelfDistillationConfig
+    search_space = {  # kdbench tune: log-uniform, each holding the default
+        "alpha": FloatDistribution(0.05, 0.9, log=True),
+        "temperature": FloatDistribution(1.0, 8.0, log=True),
+    }
 
     def __init__(self, config, student_shapes, teacher_shapes):
         super().__init__(config, student_shapes, teacher_shapes)

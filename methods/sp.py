@@ -39,6 +39,7 @@ Deviations:
 
 from __future__ import annotations
 
+from optuna.distributions import FloatDistribution
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -84,6 +85,9 @@ class SP(Method):
 
     version = 1
     Config = SPConfig
+    search_space = {  # kdbench tune: log-uniform, each holding the default
+        "beta": FloatDistribution(1.0, 10000.0, log=True),
+    }
 
     def __init__(self, config: SPConfig, student_shapes, teacher_shapes):
         super().__init__(config, student_shapes, teacher_shapes)

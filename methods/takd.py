@@ -28,6 +28,7 @@ Deviations:
 - Logit standardization is not offered (the paper predates it).
 """
 
+from optuna.distributions import FloatDistribution
 import torch.nn.functional as F
 from pydantic import Field
 
@@ -50,6 +51,10 @@ class TAKD(Method):
 
     version = 1
     Config = TAKDConfig
+    search_space = {  # kdbench tune: log-uniform, each holding the default
+        "temperature": FloatDistribution(1.0, 8.0, log=True),
+        "kd_weight": FloatDistribution(0.1, 10.0, log=True),
+    }
 
     @classmethod
     def assistants(cls, config):

@@ -28,6 +28,7 @@ Deviations: none in the loss. The weights are free (RepDistiller's 0.1/0.9 do no
 α/(1−α) split would); suites may override T and the weights per track, chosen on the validation split.
 """
 
+from optuna.distributions import FloatDistribution
 import torch.nn.functional as F
 from pydantic import Field
 
@@ -48,6 +49,10 @@ class VanillaKD(Method):
 
     version = 1
     Config = VanillaKDConfig
+    search_space = {  # kdbench tune: log-uniform, each holding the default
+        "temperature": FloatDistribution(1.0, 8.0, log=True),
+        "kd_weight": FloatDistribution(0.1, 10.0, log=True),
+    }
 
     def loss(self, student, teacher, target, progress):
         c = self.config

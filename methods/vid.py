@@ -52,6 +52,7 @@ from __future__ import annotations
 import math
 
 import pydantic
+from optuna.distributions import FloatDistribution
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -124,6 +125,9 @@ class VID(Method):
 
     version = 1
     Config = VIDConfig
+    search_space = {  # kdbench tune: log-uniform, each holding the default
+        "beta": FloatDistribution(0.01, 10.0, log=True),
+    }
 
     def __init__(self, config: VIDConfig, student_shapes, teacher_shapes):
         super().__init__(config, student_shapes, teacher_shapes)

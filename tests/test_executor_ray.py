@@ -54,12 +54,14 @@ def tracking_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ray_run(tmp_path_factory, tracking_server, finished_run):
-    """The tiny suite through ``--executor ray``, logging to the tracking server; its results folder."""
+def ray_run(tmp_path_factory, tracking_server, finished_run, session_home):
+    """The tiny suite through ``--executor ray``, logging to the tracking server, with the session's teacher cache
+    (a module fixture: the per-test isolated home is not set yet); its results folder."""
     root = tmp_path_factory.mktemp("ray-run")
     suite = root / "tiny.yaml"
     suite.write_text((finished_run / "tiny.yaml").read_text())
     mp = pytest.MonkeyPatch()
+    mp.setenv("KDBENCH_HOME", str(session_home))
     mp.setenv("MLFLOW_TRACKING_URI", tracking_server)
     assert main(["run", "--suite", str(suite), "--executor", "ray", "--results-dir", str(root / "results")]) == 0
     mp.undo()

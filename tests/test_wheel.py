@@ -33,7 +33,8 @@ def test_the_wheel_ships_methods_and_suites_inside_the_package(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     assert not [n for n in names if n.startswith("methods/")], "a top-level methods package would shadow users' own"
     assert {n.split("/")[0] for n in names} == {"kdbench", wheel.name.split("-py3")[0] + ".dist-info"}
-    for folder, pattern in (("methods", "*.py"), ("benchmarks/suites", "*.yaml"), ("benchmarks/reference", "*.yaml")):
+    for folder, pattern in (("methods", "*.py"), ("benchmarks/suites", "*.yaml"), ("benchmarks/reference", "*.yaml"),
+                            ("benchmarks/tuning", "*.json")):
         shipped = "kdbench/shipped/" + folder.split("/")[-1]
         for path in (ROOT / folder).glob(pattern):
             assert f"{shipped}/{path.name}" in names, f"{folder}/{path.name} is not in the wheel"

@@ -109,6 +109,22 @@ class TrackData:
         return replace(self, **parts, description={**self.description, "limit": dict(sorted(limit.items()))})
 
 
+class SealedSplit:
+    """The test split while tuning: any use of it (its samples, labels, length, batches) is refused."""
+
+    def __getattr__(self, name):
+        raise KdbenchError("the test split is sealed while tuning: choices are made on the validation split only")
+
+    def __len__(self) -> int:
+        self.x  # noqa: B018 - refused like any other use
+
+
+def sealed(data: TrackData) -> TrackData:
+    """``data`` with its test split sealed (kdbench tune); the description is unchanged, so the teacher is the
+    reported runs' teacher."""
+    return replace(data, test=SealedSplit())
+
+
 @dataclass(frozen=True)
 class Track:
     name: str

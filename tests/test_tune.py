@@ -1,0 +1,287 @@
+"""kdbench tune: search spaces, the validation-only objective, the tuning file, resuming, sharing, staleness."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+from optuna.distributions import FloatDistribution
+from optuna.trial import TrialState
+
+from kdbench.errors import KdbenchError
+from kdbench.method import METHODS, Method, MethodConfig, register_method
+from kdbench.suite import expand, load_suite
+
+SUITE = """\
+name: tunetiny
+tier: cpu
+seeds: [0]
+methods: {baseline: {}, vanilla_kd: {}}
+measure: {threads: 1, throughput_batch: 16, min_run_time: 0.01}
+tune:
+  trials: 2
+  file: tuning.json
+  seeds: {mnist1d: [100]}
+  train_space:
+    lr: {low: 0.002, high: 0.05}
+tracks:
+  mnist1d:
+    pairs: [{teacher: cnn1d_w8, student: cnn1d_w4}]
+    limit: {train: 400, val: 200}
+    teacher_train: {epochs: 2, batch_size: 100, lr: 0.01, threads: 1}
+    train: {epochs: 3, batch_size: 100, lr: 0.01, threads: 1}
+"""
+PAIR = "cnn1d_w8:cnn1d_w4"
+
+
+def test_every_search_space_holds_its_methods_defaults():
+    for name in METHODS.names():
+        cls = METHODS.get(name)
+        defaults = cls.Config()
+        for field, space in cls.search_space.items():
+            assert space.low <= getattr(defaults, field) <= space.high, (name, field)
+        if name != "baseline":
+            assert cls.search_space, f"{name} declares nothing to tune"
+
+
+def test_a_default_outside_the_search_space_is_refused():
+    class OutsideConfig(MethodConfig):
+        weight: float = 50.0
+
+    with pytest.raises(KdbenchError, match="default of 'weight' .*outside its search space"):
+        @register_method("outside_space")
+        class Outside(Method):  # noqa: F841 - refused at registration
+            Config = OutsideConfig
+            search_space = {"weight": FloatDistribution(0.1, 10.0, log=True)}
+
+            def loss(self, student, teacher, target, progress):
+                return {}
+
+
+def test_tuning_seeds_must_not_be_reported_seeds(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(SUITE.replace("seeds: {mnist1d: [100]}", "seeds: {mnist1d: [0, 100]}"))
+    with pytest.raises(KdbenchError, match=r"tune.seeds of mnist1d include reported seed\(s\) \[0\]"):
+        load_suite(str(path))
+
+
+class Tripwire:
+    """A test split that fails the test on any use."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the test split was read while tuning (.{name})")
+
+    def __len__(self):
+        raise AssertionError("the test split was read while tuning (len)")
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory, session_home):
+    """The tiny suite tuned once (2 rows × 2 trials) with the test split a tripwire and the production seal off,
+    then its tuned rows run; (folder, storage URL, captured log)."""
+    from dataclasses import replace
+
+    import kdbench.runner
+    from kdbench.cli import main
+    from tests.conftest import CLEAN_COMMIT
+
+    root = tmp_path_factory.mktemp("tune")
+    (root / "suite.yaml").write_text(SUITE)
+    storage = f"sqlite:///{root / 'optuna.db'}"
+    load = kdbench.runner.load_track
+    mp = pytest.MonkeyPatch()
+    mp.setenv("KDBENCH_HOME", str(session_home))
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    mp.setattr("kdbench.runner.sealed", lambda data: data)  # whatever reads the test split now trips the wire
+    mp.setattr("kdbench.runner.load_track", lambda *a: replace(load(*a), test=Tripwire()))
+    kdbench.runner._loaded.cache_clear()
+    try:
+        assert main(["tune", "--suite", str(root / "suite.yaml"), "--storage", storage]) == 0
+    finally:
+        mp.undo()
+        kdbench.runner._loaded.cache_clear()
+    mp = pytest.MonkeyPatch()
+    mp.setenv("KDBENCH_HOME", str(session_home))
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    for module in ("kdbench.records", "kdbench.timing"):
+        mp.setattr(f"{module}.git_state", lambda: (CLEAN_COMMIT, False))
+    try:
+        assert main(["run", "--suite", str(root / "suite.yaml"), "--results-dir", str(root / "results")]) == 0
+    finally:
+        mp.undo()
+    return root, storage
+
+
+def test_tuning_file_has_every_row_with_the_budget(tuned):
+    root, storage = tuned
+    data = json.loads((root / "tuning.json").read_text())
+    assert data["suite"] == "tunetiny"
+    entries = {e["method"]: e for e in data["entries"]}
+    assert set(entries) == {"baseline", "vanilla_kd"}
+    for method, entry in entries.items():
+        study = optuna.load_study(study_name=entry["study"], storage=storage)
+        finished = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+        assert entry["budget"] == entry["trials"] == 2 == len(finished)
+        best = max((t for t in finished if t.value is not None), key=lambda t: t.value)
+        assert entry["best_val_top1"] == best.value
+        assert entry["interval"] == [best.value, best.value]  # one tuning seed: no spread to estimate
+        assert set(entry["values"]["train"]) == {"lr"}
+        assert set(entry["values"]["method"]) == set(METHODS.get(method).search_space)
+        for kind in ("history", "importance"):
+            assert (root / "tuning" / "mnist1d" / "cnn1d_w8--cnn1d_w4" / f"{method}.{kind}.png").stat().st_size > 0
+
+
+def test_tuned_rows_run_with_the_chosen_values_and_say_so(tuned):
+    root, _ = tuned
+    entry = next(e for e in json.loads((root / "tuning.json").read_text())["entries"] if e["method"] == "vanilla_kd")
+    (spec,) = expand(load_suite(str(root / "suite.yaml")), methods=["vanilla_kd"])
+    assert spec.train.lr == entry["values"]["train"]["lr"]
+    assert spec.method_config["temperature"] == entry["values"]["method"]["temperature"]
+    assert spec.tuning == {"study": entry["study"], "budget": 2, "study_sha256": entry["study_sha256"]}
+    record = json.loads((root / "results" / "tunetiny" / "mnist1d" / "cnn1d_w8--cnn1d_w4" / "vanilla_kd" /
+                         "seed0.json").read_text())
+    assert record["config"]["tuning"] == spec.tuning
+    (untuned,) = expand(load_suite(str(root / "suite.yaml")), methods=["vanilla_kd"], tuned=False)
+    assert untuned.tuning is None and untuned.train.lr == 0.01
+
+
+def test_every_trial_is_a_nested_mlflow_run(tuned):
+    import mlflow
+
+    root, _ = tuned
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["kdbench-tune"], output_format="list")
+    studies = {r.data.tags["study"]: r.info.run_id for r in runs if r.data.tags["kind"] == "study"}
+    trials = [r for r in runs if r.data.tags["kind"] == "trial"]
+    assert len(studies) == 2 and len(trials) == 4
+    assert all(r.data.tags["mlflow.parentRunId"] == studies[r.data.tags["study"]] for r in trials)
+    assert all("train.lr" in r.data.params and "val_top1" in r.data.metrics for r in trials)
+
+
+def _problems(root, suite_text):
+    """The leaderboard's tuning problems for the tuned records, against the suite as ``suite_text`` has it."""
+    from kdbench import leaderboard
+
+    (root / "changed.yaml").write_text(suite_text)
+    frame = leaderboard._frame(root / "results")
+    mp = pytest.MonkeyPatch()
+    mp.setattr(leaderboard, "load_suite", lambda name: load_suite(str(root / "changed.yaml")))
+    try:
+        return leaderboard._tuning_problems("tunetiny", "mnist1d", frame)
+    finally:
+        mp.undo()
+
+
+def test_leaderboard_marks_tuned_rows(tuned, monkeypatch):
+    from kdbench import leaderboard
+
+    root, _ = tuned
+    monkeypatch.setattr(leaderboard, "load_suite", lambda name: load_suite(str(root / "suite.yaml")))
+    text = leaderboard.render(root / "results")
+    assert "| vanilla_kd (tuned, 2 trials)" in text and "| baseline (tuned, 2 trials)" in text
+    assert _problems(root, SUITE) == []
+
+
+@pytest.mark.parametrize("old, new, why", [
+    ("train: {epochs: 3, batch_size: 100, lr: 0.01", "train: {epochs: 3, batch_size: 100, lr: 0.02",
+     "training config"),
+    ("trials: 2", "trials: 3", "tuned with 2 trials, the suite's budget is 3"),
+    ("high: 0.05}", "high: 0.1}", "search spaces"),
+])
+def test_stale_tuning_is_named(tuned, old, new, why):
+    root, _ = tuned
+    assert old in SUITE
+    problems = _problems(root, SUITE.replace(old, new))
+    assert len(problems) == 2 and all("its tuning is stale" in p and why in p for p in problems)
+
+
+def test_records_made_without_the_tuning_files_settings_are_named(tuned, tmp_path):
+    root, _ = tuned
+    entries = json.loads((root / "tuning.json").read_text())
+    entries["entries"] = [e for e in entries["entries"] if e["method"] == "baseline"]
+    (tmp_path / "tuning.json").write_text(json.dumps(entries))
+    (tmp_path / "results").symlink_to(root / "results")
+    problems = _problems(tmp_path, SUITE)
+    assert problems == ["mnist1d cnn1d_w8→cnn1d_w4 vanilla_kd: made with tuning tunetiny:mnist1d:cnn1d_w8:cnn1d_w4:"
+                        "vanilla_kd, which the tuning file no longer has: re-run the row with `kdbench run`"]
+
+
+def _tune_process(root, storage, *args):
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    return subprocess.Popen([sys.executable, "-m", "kdbench", "tune", "--suite", str(root / "suite.yaml"),
+                             "--method", "vanilla_kd", "--storage", storage, *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finished(storage, name):
+    try:
+        study = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        return []
+    return [t for t in study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))]
+
+
+def _wait_for(condition, timeout=240):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.5)
+
+
+STUDY = f"tunetiny:mnist1d:{PAIR}:vanilla_kd"
+
+
+def test_a_killed_search_resumes_the_same_study(tmp_path):
+    (tmp_path / "suite.yaml").write_text(SUITE.replace("epochs: 3, batch_size: 100, lr: 0.01", "epochs: 6, "
+                                                       "batch_size: 100, lr: 0.01"))
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    first = _tune_process(tmp_path, storage, "--trials", "3")
+    _wait_for(lambda: len(_finished(storage, STUDY)) >= 1 or first.poll() is not None)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    before = {t.number: t.params for t in _finished(storage, STUDY)}
+    assert 1 <= len(before) < 3
+    second = _tune_process(tmp_path, storage, "--trials", "3")
+    out, _ = second.communicate(timeout=300)
+    assert second.returncode == 0, out
+    assert f"{len(before)} of 3 trials finished" in out  # it found the study where the first left it
+    after = {t.number: t.params for t in _finished(storage, STUDY)}
+    assert len(after) >= 3 and all(after[n] == p for n, p in before.items())
+    assert len(optuna.get_all_study_names(storage)) == 1
+
+
+def test_two_processes_share_one_study(tmp_path):
+    (tmp_path / "suite.yaml").write_text(SUITE)
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    first = _tune_process(tmp_path, storage, "--trials", "4")
+    _wait_for(lambda: len(_finished(storage, STUDY)) >= 1 or first.poll() is not None)
+    second = _tune_process(tmp_path, storage, "--trials", "4")
+    outs = [p.communicate(timeout=300)[0] for p in (first, second)]
+    assert first.returncode == 0 and second.returncode == 0, outs
+    assert optuna.get_all_study_names(storage) == [STUDY]
+    finished = _finished(storage, STUDY)
+    assert 4 <= len(finished) <= 5  # a process stops after its own trial once the study has the budget
+    entry = json.loads((tmp_path / "tuning.json").read_text())["entries"][0]
+    assert entry["trials"] == 4  # the outcome counts the budget's first finished trials only
+
+
+def test_a_suite_without_a_tune_section_is_refused(tiny_suite, capsys):
+    from kdbench.cli import main
+
+    assert main(["tune", "--suite", str(tiny_suite)]) == 2
+    assert "has no tune section" in capsys.readouterr().err
+
+
+def test_the_sealed_test_split_refuses_every_use():
+    from kdbench.tracks import SealedSplit
+
+    with pytest.raises(KdbenchError, match="sealed while tuning"):
+        SealedSplit().x
+    with pytest.raises(KdbenchError, match="sealed while tuning"):
+        len(SealedSplit())
