@@ -31,7 +31,7 @@ from kdbench.stats import (
     minimum_detectable_effect,
     verdict,
 )
-from kdbench.suite import expand, load_suite
+from kdbench.suite import expand, load_suite, suite_methods
 from kdbench.timing import load_timing, timing_path
 from kdbench.tuned import load_tuning, tuned_sha256, tuning_path
 
@@ -60,8 +60,8 @@ a tree with uncommitted changes, or when a row has fewer finished seeds than its
   `kdbench compare DIR_A DIR_B` runs the same analysis on any two rows.
 - *tuned (N trials)*: the row's hyperparameters (its method's and the training ones every method searches) were
   chosen by `kdbench tune`: Optuna with the suite's equal budget of N trials per row, baseline included, scored on
-  the validation split of tuning seeds disjoint from the reported ones (`benchmarks/tuning/`). Other rows use the
-  suite file's settings.
+  the validation split of tuning seeds disjoint from the reported ones (`benchmarks/tuning/`). A table is tuned as
+  a whole, once every row of its pair has an outcome; until then all its rows use the suite file's settings.
 - *retained*: student mean as a percentage of the teacher's test top-1.
 - *agreement*: % of test samples where student and teacher predict the same class.
 - *extra*: parameters a method trains besides the student (regressors, discriminators, heads), never deployed.
@@ -245,42 +245,51 @@ def _source_notes(finished: pd.DataFrame, order: list[str]) -> list[str]:
     return lines
 
 
-def _tuning_problems(suite_name: str, track: str, runs: pd.DataFrame) -> list[str]:
-    """Rows whose tuning is stale (what was tuned has changed since: data, pair, training config, method version or
-    config, search spaces, budget or tuning seeds) or whose records were not made with the tuning file's settings."""
+def _tuning_problems(suite_name: str, track: str, runs: pd.DataFrame) -> tuple[list[str], dict[tuple, str]]:
+    """(problems, a note per pair whose tuning is under way). Problems: rows whose tuning is stale (what was tuned
+    has changed since: data, pair, training config, method version or config, search spaces, budget or tuning
+    seeds) and rows whose records were not made with the tuning the suite now applies (kdbench.suite.tuned_entries)."""
     try:
         suite = load_suite(suite_name)
     except KdbenchError:
-        return []  # records of a suite file that is not shipped: nothing to check them against
+        return [], {}  # records of a suite file that is not shipped: nothing to check them against
     if suite.tune is None:
-        return []
+        return [], {}
     entries = load_tuning(tuning_path(suite.tune), suite.name)
+    applied = {(s.pair, s.method): s for s in expand(suite, tracks=[track], seeds=(0,))}
     base = {(s.pair, s.method): s for s in expand(suite, tracks=[track], seeds=(0,), tuned=False)}
-    problems = []
-    for (teacher, student, method), row in runs.groupby(["teacher", "student", "method"], sort=True):
-        name, pair = f"{track} {teacher}→{student} {method}", f"{teacher}:{student}"
-        entry, recorded = entries.get((track, pair, method)), row["config"].iloc[0].get("tuning")
-        if entry is None:
-            if recorded:
-                problems.append(f"{name}: made with tuning {recorded['study']}, which the tuning file no longer has: "
-                                "re-run the row with `kdbench run`")
-            continue
-        if recorded != entry.applied():
-            problems.append(f"{name}: not made with the tuning file's settings (study sha256 "
-                            f"{entry.study_sha256[:12]}): re-run the row with `kdbench run`")
-        spec = base.get((pair, method))
-        if spec is None:
-            continue
-        now = tuned_sha256(row["config"].iloc[0]["data"], pair, spec.train, method, spec.method_version,
-                           spec.method_config, METHODS.get(method).search_space, suite.tune.train_space,
-                           suite.tune.trials, suite.tune.seeds.get(track, ()))
-        if now != entry.tuned_sha256:
-            why = (f"tuned with {entry.budget} trials, the suite's budget is {suite.tune.trials}"
-                   if entry.budget != suite.tune.trials else "its data, training config, method version or config, "
-                   "search spaces or tuning seeds changed since it was tuned")
-            problems.append(f"{name}: its tuning is stale ({why}): re-run `kdbench tune --suite {suite.name} "
-                            f"--track {track} --pair {pair} --method {method}`, then the row")
-    return problems
+    problems, notes = [], {}
+    for (teacher, student), pair_runs in runs.groupby(["teacher", "student"], sort=True):
+        pair = f"{teacher}:{student}"
+        tuned = sum((track, pair, m) in entries for m in suite_methods(suite))
+        if 0 < tuned < len(suite_methods(suite)):
+            notes[(teacher, student)] = (
+                f"- Tuning under way: {tuned} of this pair's {len(suite_methods(suite))} rows have a `kdbench tune` "
+                "outcome; the table keeps the suite file's settings until every row has one (equal budgets).")
+        for method, row in pair_runs.groupby("method", sort=True):
+            name, entry = f"{track} {teacher}→{student} {method}", entries.get((track, pair, method))
+            recorded = row["config"].iloc[0].get("tuning")
+            expected = applied[(pair, method)].tuning if (pair, method) in applied else recorded
+            if recorded != expected:
+                missing = [m for m in suite_methods(suite) if (track, pair, m) not in entries]
+                fix = (f"tune the pair's untuned rows ({', '.join(missing[:3])}{', …' if len(missing) > 3 else ''}) "
+                       "with `kdbench tune`, or re-run the row" if recorded and not expected and missing
+                       else "re-run the row with `kdbench run`")
+                problems.append(f"{name}: made with tuning {recorded and recorded['study_sha256'][:12]}, the suite now "
+                                f"gives {expected and expected['study_sha256'][:12]}: {fix}")
+            spec = base.get((pair, method))
+            if entry is None or spec is None:
+                continue
+            now = tuned_sha256(row["config"].iloc[0]["data"], pair, spec.train, method, spec.method_version,
+                               spec.method_config, METHODS.get(method).search_space, suite.tune.train_space,
+                               suite.tune.trials, suite.tune.seeds.get(track, ()))
+            if now != entry.tuned_sha256:
+                why = (f"tuned with {entry.budget} trials, the suite's budget is {suite.tune.trials}"
+                       if entry.budget != suite.tune.trials else "its data, training config, method version or "
+                       "config, search spaces or tuning seeds changed since it was tuned")
+                problems.append(f"{name}: its tuning is stale ({why}): re-run `kdbench tune --suite {suite.name} "
+                                f"--track {track} --pair {pair} --method {method}`, then the row")
+    return problems, notes
 
 
 def _cost(finished: pd.DataFrame, timing: dict | None) -> dict:
@@ -360,6 +369,8 @@ def build(results_dir: Path, published_file: Path = PUBLISHED) -> Board:
     for (suite, track), track_group in df.groupby(["suite", "track"], sort=True):
         parts += [f"## {track} (suite `{suite}`)", ""]
         tables = {}
+        tuning_problems, tuning_notes = _tuning_problems(suite, track, track_group)
+        problems += tuning_problems
         pairs = track_group.groupby(["teacher", "student"], sort=True)
         for (teacher, student), group in sorted(pairs, key=lambda item: (item[0][0], _student_size(item[1]))):
             key = (suite, track, teacher, student)
@@ -369,10 +380,11 @@ def build(results_dir: Path, published_file: Path = PUBLISHED) -> Board:
             tables[(teacher, student)] = table
             traces = [*table.traces, *(f"- published [{k}]: {published.sources[k]}"
                                        for k in sorted({source for _, source in beside.values()}))]
+            notes = [*table.notes[1:], *([tuning_notes[(teacher, student)]] if (teacher, student) in tuning_notes
+                                         else [])]
             parts += [f"### {teacher} → {student}", "", table.notes[0] if table.notes else "", "", table.markdown, "",
-                      *table.notes[1:], "", *traces, ""]
+                      *notes, "", *traces, ""]
             problems += table.problems
-        problems += _tuning_problems(suite, track, track_group)
         drawn = plots.track_figures((suite, track), tables)
         if drawn:
             figures.update(drawn)

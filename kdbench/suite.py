@@ -125,8 +125,9 @@ def expand(
     seeds: tuple[int, ...] | None = None,
     tuned: bool = True,
 ) -> list[RunSpec]:
-    """The suite's runs, optionally narrowed; every config is validated before anything trains. Where the suite's
-    tuning file has an entry for a row (and ``tuned``), the row runs with the tuned values and says so."""
+    """The suite's runs, optionally narrowed; every config is validated before anything trains. With ``tuned``,
+    the rows of a pair whose every row has a tuning-file entry run with their tuned values and say so
+    (``tuned_entries``)."""
     for name in methods or ():
         METHODS.get(name)
     for name in tracks or ():
@@ -136,9 +137,8 @@ def expand(
     for name in pairs or ():
         if name not in all_pairs:
             raise KdbenchError(f"suite {suite.name}: " + unknown_name_message("pair", name, all_pairs))
-    entries = load_tuning(tuning_path(suite.tune), suite.name) if tuned and suite.tune else {}
-    method_names = methods or ([n for n in METHODS.names() if n not in suite.excluded] if suite.all_methods
-                               else list(suite.methods))
+    entries = tuned_entries(suite) if tuned else {}
+    method_names = methods or suite_methods(suite)
     specs = []
     for track, tspec in suite.tracks.items():
         if tracks and track not in tracks:
@@ -175,6 +175,22 @@ def expand(
                         )
                     )
     return specs
+
+
+def suite_methods(suite: Suite) -> list[str]:
+    """Every method the suite runs on each pair."""
+    return [n for n in METHODS.names() if n not in suite.excluded] if suite.all_methods else list(suite.methods)
+
+
+def tuned_entries(suite: Suite) -> dict[tuple[str, str, str], TuningEntry]:
+    """The tuning-file entries the suite applies: those of pairs whose every row has one. A table compares its
+    rows with equal budgets, so a pair stays on the suite file's settings until all its rows are tuned."""
+    if suite.tune is None:
+        return {}
+    entries = load_tuning(tuning_path(suite.tune), suite.name)
+    names = suite_methods(suite)
+    return {key: entry for key, entry in entries.items()
+            if all((key[0], key[1], name) in entries for name in names)}
 
 
 def _tuned_train(train: TrainConfig, entry: TuningEntry | None) -> TrainConfig:

@@ -165,7 +165,8 @@ def test_every_trial_is_a_nested_mlflow_run(tuned):
 
 
 def _problems(root, suite_text):
-    """The leaderboard's tuning problems for the tuned records, against the suite as ``suite_text`` has it."""
+    """The leaderboard's tuning problems and notes for the tuned records, against the suite as ``suite_text`` has it
+    (its tuning file: root/tuning.json)."""
     from kdbench import leaderboard
 
     (root / "changed.yaml").write_text(suite_text)
@@ -185,7 +186,7 @@ def test_leaderboard_marks_tuned_rows(tuned, monkeypatch):
     monkeypatch.setattr(leaderboard, "load_suite", lambda name: load_suite(str(root / "suite.yaml")))
     text = leaderboard.render(root / "results")
     assert "| vanilla_kd (tuned, 2 trials)" in text and "| baseline (tuned, 2 trials)" in text
-    assert _problems(root, SUITE) == []
+    assert _problems(root, SUITE) == ([], {})
 
 
 @pytest.mark.parametrize("old, new, why", [
@@ -197,19 +198,30 @@ def test_leaderboard_marks_tuned_rows(tuned, monkeypatch):
 def test_stale_tuning_is_named(tuned, old, new, why):
     root, _ = tuned
     assert old in SUITE
-    problems = _problems(root, SUITE.replace(old, new))
+    problems, _ = _problems(root, SUITE.replace(old, new))
     assert len(problems) == 2 and all("its tuning is stale" in p and why in p for p in problems)
 
 
-def test_records_made_without_the_tuning_files_settings_are_named(tuned, tmp_path):
+def test_a_pair_is_tuned_only_when_every_row_is(tuned, tmp_path):
+    """With one of the two rows' outcomes left, the suite runs both on its own settings and the leaderboard says
+    the tuned records no longer match, and that the pair's tuning is under way."""
     root, _ = tuned
     entries = json.loads((root / "tuning.json").read_text())
     entries["entries"] = [e for e in entries["entries"] if e["method"] == "baseline"]
     (tmp_path / "tuning.json").write_text(json.dumps(entries))
     (tmp_path / "results").symlink_to(root / "results")
-    problems = _problems(tmp_path, SUITE)
-    assert problems == ["mnist1d cnn1d_w8→cnn1d_w4 vanilla_kd: made with tuning tunetiny:mnist1d:cnn1d_w8:cnn1d_w4:"
-                        "vanilla_kd, which the tuning file no longer has: re-run the row with `kdbench run`"]
+    specs = expand(load_suite(str(_suite_in(tmp_path))))
+    assert all(s.tuning is None for s in specs) and {s.train.lr for s in specs} == {0.01}
+    problems, notes = _problems(tmp_path, SUITE)
+    assert len(problems) == 2 and all("the suite now gives None" in p for p in problems)
+    assert "tune the pair's untuned rows (vanilla_kd)" in problems[0]
+    assert notes == {("cnn1d_w8", "cnn1d_w4"): "- Tuning under way: 1 of this pair's 2 rows have a `kdbench tune` "
+                     "outcome; the table keeps the suite file's settings until every row has one (equal budgets)."}
+
+
+def _suite_in(folder):
+    (folder / "suite.yaml").write_text(SUITE)
+    return folder / "suite.yaml"
 
 
 def _tune_process(root, storage, *args):
