@@ -14,6 +14,7 @@ import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
+from conftest import run_suite_once
 from kdbench.errors import KdbenchError
 from kdbench.method import METHODS, Method, MethodConfig, register_method
 from kdbench.suite import expand, load_suite
@@ -89,7 +90,6 @@ def tuned(tmp_path_factory, session_home):
 
     import kdbench.runner
     from kdbench.cli import main
-    from tests.conftest import CLEAN_COMMIT
 
     root = tmp_path_factory.mktemp("tune")
     (root / "suite.yaml").write_text(SUITE)
@@ -106,15 +106,7 @@ def tuned(tmp_path_factory, session_home):
     finally:
         mp.undo()
         kdbench.runner._loaded.cache_clear()
-    mp = pytest.MonkeyPatch()
-    mp.setenv("KDBENCH_HOME", str(session_home))
-    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-    for module in ("kdbench.records", "kdbench.timing"):
-        mp.setattr(f"{module}.git_state", lambda: (CLEAN_COMMIT, False))
-    try:
-        assert main(["run", "--suite", str(root / "suite.yaml"), "--results-dir", str(root / "results")]) == 0
-    finally:
-        mp.undo()
+    run_suite_once(root, SUITE, session_home)  # the tuned rows, records as from a clean checkout
     return root, storage
 
 
