@@ -9,8 +9,9 @@ the test split sealed, and scores the mean final validation top-1. TPE samples (
 random); a median pruner stops a trial whose validation curve falls below the median of earlier trials at the same
 seed and epoch (never in the first half of a seed's epochs). A trial whose loss diverges counts as pruned.
 
-Every row gets the suite's budget: its outcome is the best of the study's first ``budget`` finished (completed or
-pruned) trials, even if processes sharing the study ran a few more. The outcome goes to the suite's tuning file
+Every row gets the suite's budget: its outcome is the best of the study's first ``budget`` trials by number that did
+not fail (completed or pruned), even if processes sharing the study ran a few more; a process waits for the others'
+trials among those before it computes the outcome, so every process computes the same one. The outcome goes to the suite's tuning file
 (kdbench.tuned), with plots of the study beside it; every trial is an MLflow run nested under its study's run.
 """
 
@@ -21,6 +22,7 @@ import math
 import os
 import statistics
 import sys
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -80,8 +82,24 @@ def open_study(name: str, storage: str, budget: int) -> optuna.Study:
 
 
 def counted_trials(study: optuna.Study, budget: int) -> list[FrozenTrial]:
-    """The study's first ``budget`` finished trials, by number: what the outcome is chosen from."""
-    return sorted(study.get_trials(deepcopy=False, states=COUNTED), key=lambda t: t.number)[:budget]
+    """The study's first ``budget`` trials by number that did not fail, those already finished: what the outcome
+    is chosen from once all of them are (``wait_for_counted``)."""
+    first = [t for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+             if t.state != TrialState.FAIL][:budget]
+    return [t for t in first if t.state in COUNTED]
+
+
+def wait_for_counted(study: optuna.Study, budget: int, log: Callable[[str], None]) -> None:
+    """Wait until the first ``budget`` trials by number are all finished (another process may still be running one
+    of them), so the outcome does not depend on which process computes it, or when. A trial of a killed process
+    fails once its heartbeat is GRACE_SECONDS old, and the next trial takes its place."""
+    announced = False
+    while len(counted_trials(study, budget)) < budget:
+        if not announced:
+            log(f"  waiting for another process's trial(s) among the study's first {budget}")
+            announced = True
+        optuna.storages.fail_stale_trials(study)
+        time.sleep(HEARTBEAT_SECONDS / 2)
 
 
 def suggest(trial: optuna.Trial, name: str, space) -> float | int | str | bool:
@@ -158,7 +176,7 @@ def tune_row(base: RunSpec, tune: TuneSpec, budget: int, storage: str, place: Pl
 
         study.optimize(Objective(base, tune, place, log), gc_after_trial=False, callbacks=[
             optuna.study.MaxTrialsCallback(budget, states=COUNTED), progress])
-    optuna.storages.fail_stale_trials(study)
+    wait_for_counted(study, budget, log)
     return outcome(study, base, tune, budget, place), study
 
 
