@@ -258,20 +258,20 @@ def _tuning_problems(suite_name: str, track: str, runs: pd.DataFrame) -> tuple[l
     entries = load_tuning(tuning_path(suite.tune), suite.name)
     applied = {(s.pair, s.method): s for s in expand(suite, tracks=[track], seeds=(0,))}
     base = {(s.pair, s.method): s for s in expand(suite, tracks=[track], seeds=(0,), tuned=False)}
-    problems, notes = [], {}
+    problems, notes, names = [], {}, suite_methods(suite)
     for (teacher, student), pair_runs in runs.groupby(["teacher", "student"], sort=True):
         pair = f"{teacher}:{student}"
-        tuned = sum((track, pair, m) in entries for m in suite_methods(suite))
-        if 0 < tuned < len(suite_methods(suite)):
+        missing = [m for m in names if (track, pair, m) not in entries]
+        tuned = len(names) - len(missing)
+        if 0 < tuned < len(names):
             notes[(teacher, student)] = (
-                f"- Tuning under way: {tuned} of this pair's {len(suite_methods(suite))} rows have a `kdbench tune` "
+                f"- Tuning under way: {tuned} of this pair's {len(names)} rows have a `kdbench tune` "
                 "outcome; the table keeps the suite file's settings until every row has one (equal budgets).")
         for method, row in pair_runs.groupby("method", sort=True):
             name, entry = f"{track} {teacher}→{student} {method}", entries.get((track, pair, method))
             recorded = row["config"].iloc[0].get("tuning")
             expected = applied[(pair, method)].tuning if (pair, method) in applied else recorded
             if recorded != expected:
-                missing = [m for m in suite_methods(suite) if (track, pair, m) not in entries]
                 fix = (f"tune the pair's untuned rows ({', '.join(missing[:3])}{', …' if len(missing) > 3 else ''}) "
                        "with `kdbench tune`, or re-run the row" if recorded and not expected and missing
                        else "re-run the row with `kdbench run`")

@@ -19,7 +19,7 @@ from kdbench.models import MODELS
 from kdbench.paths import shipped
 from kdbench.registry import unknown_name_message
 from kdbench.tracks import TRACKS
-from kdbench.tuned import TuneSpec, TuningEntry, load_tuning, tuning_path
+from kdbench.tuned import TuneSpec, TuningEntry, load_tuning, tuning_path, with_train_values
 
 SUITES_DIR = shipped("suites")
 
@@ -150,7 +150,7 @@ def expand(
                 cls = METHODS.get(name)
                 overrides = {**suite.methods.get(name, {}), **tspec.methods.get(name, {}), **pair.methods.get(name, {})}
                 entry = entries.get((track, f"{pair.teacher}:{pair.student}", name))
-                train = _tuned_train(tspec.train, entry)
+                train = with_train_values(tspec.train, entry.values.train if entry else {})
                 config = validate_config(cls, {**overrides, **(entry.values.method if entry else {})}).model_dump(
                     mode="json")
                 declared = tspec.seeds or suite.seeds
@@ -192,8 +192,3 @@ def tuned_entries(suite: Suite) -> dict[tuple[str, str, str], TuningEntry]:
     return {key: entry for key, entry in entries.items()
             if all((key[0], key[1], name) in entries for name in names)}
 
-
-def _tuned_train(train: TrainConfig, entry: TuningEntry | None) -> TrainConfig:
-    if entry is None or not entry.values.train:
-        return train
-    return TrainConfig(**{**train.model_dump(), **entry.values.train})

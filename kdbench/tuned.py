@@ -95,6 +95,11 @@ class TuningFile(pydantic.BaseModel):
     entries: tuple[TuningEntry, ...] = ()
 
 
+def with_train_values(train: TrainConfig, values: dict[str, float]) -> TrainConfig:
+    """``train`` with tuned (or trial) values of its searched fields, validated like any training config."""
+    return TrainConfig(**{**train.model_dump(), **values}) if values else train
+
+
 def tuning_path(spec: TuneSpec) -> Path:
     """The suite's tuning file (``load_suite`` has made a path in the suite's own folder absolute)."""
     return Path(spec.file) if spec.file.endswith(".json") else shipped("tuning") / f"{spec.file}.json"

@@ -33,7 +33,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import FrozenTrial, TrialState
 from scipy import stats
 
-from kdbench.config import RunSpec, TrainConfig, sha256_of
+from kdbench.config import RunSpec, sha256_of
 from kdbench.errors import KdbenchError
 from kdbench.method import METHODS, validate_config
 from kdbench.paths import kdbench_home
@@ -42,7 +42,15 @@ from kdbench.runner import Placement, track_data, validation_curve
 from kdbench.suite import Suite
 from kdbench.tracking import log_trial
 from kdbench.train import DivergedError
-from kdbench.tuned import TuneSpec, TunedValues, TuningEntry, TuningFile, load_tuning, tuned_sha256
+from kdbench.tuned import (
+    TuneSpec,
+    TunedValues,
+    TuningEntry,
+    TuningFile,
+    load_tuning,
+    tuned_sha256,
+    with_train_values,
+)
 
 HEARTBEAT_SECONDS, GRACE_SECONDS = 10, 30  # a trial without a heartbeat for GRACE_SECONDS is failed and retried
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -115,8 +123,8 @@ def suggest(trial: optuna.Trial, name: str, space) -> float | int | str | bool:
 def trial_spec(base: RunSpec, values: TunedValues) -> RunSpec:
     """``base`` with a trial's (or an outcome's) values."""
     method_config = validate_config(METHODS.get(base.method), {**base.method_config, **values.method})
-    train = TrainConfig(**{**base.train.model_dump(), **values.train})
-    return dataclasses.replace(base, method_config=method_config.model_dump(mode="json"), train=train)
+    return dataclasses.replace(base, method_config=method_config.model_dump(mode="json"),
+                               train=with_train_values(base.train, values.train))
 
 
 def _values(params: dict) -> TunedValues:
@@ -127,8 +135,8 @@ def _values(params: dict) -> TunedValues:
 class Objective:
     """One trial: suggest, train on every tuning seed (validation only), report the curve, score the mean."""
 
-    def __init__(self, base: RunSpec, tune: TuneSpec, place: Placement, log: Callable[[str], None]):
-        self.base, self.tune, self.place, self.log = base, tune, place, log
+    def __init__(self, base: RunSpec, tune: TuneSpec, place: Placement):
+        self.base, self.tune, self.place = base, tune, place
         self.seeds = tune.seeds[base.track]
         self.space = METHODS.get(base.method).search_space
 
@@ -174,7 +182,7 @@ def tune_row(base: RunSpec, tune: TuneSpec, budget: int, storage: str, place: Pl
             value = f"validation top-1 {trial.value:.2f} %" if trial.value is not None else trial.state.name.lower()
             log(f"  [{finished}/{budget}] trial {trial.number}: {value}  {_short(trial.params)}")
 
-        study.optimize(Objective(base, tune, place, log), gc_after_trial=False, callbacks=[
+        study.optimize(Objective(base, tune, place), gc_after_trial=False, callbacks=[
             optuna.study.MaxTrialsCallback(budget, states=COUNTED), progress])
     wait_for_counted(study, budget, log)
     return outcome(study, base, tune, budget, place), study
