@@ -211,6 +211,35 @@ def test_a_pair_is_tuned_only_when_every_row_is(tuned, tmp_path):
                      "outcome; the table keeps the suite file's settings until every row has one (equal budgets)."}
 
 
+def test_tuning_effect_compares_each_tuned_table_with_its_untuned_records(tuned, tmp_path, session_home):
+    """benchmarks/tuning_effect.py: the untuned records from a git revision, the tuned ones from results/."""
+    import shutil
+    import statistics
+
+    repo = run_suite_once(tmp_path, SUITE, session_home)  # no tuning file here: the suite's own settings
+    untuned = json.loads((repo / "results/tunetiny/mnist1d/cnn1d_w8--cnn1d_w4/vanilla_kd/seed0.json").read_text())
+    assert "tuning" not in untuned["config"] or untuned["config"]["tuning"] is None
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(repo)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "results"], check=True)
+    subprocess.run([*git, "commit", "-qm", "untuned"], check=True)
+    shutil.rmtree(repo / "results")
+    shutil.copytree(tuned[0] / "results", repo / "results")
+    script = os.path.join(os.getcwd(), "benchmarks", "tuning_effect.py")
+    out = subprocess.run([sys.executable, script, "--before", "HEAD", "--suite", "tunetiny"], cwd=repo,
+                         capture_output=True, text=True, check=True).stdout
+    assert out.startswith("### mnist1d: cnn1d_w8 → cnn1d_w4")
+    row = next(line for line in out.splitlines() if line.startswith("| vanilla_kd |"))
+    top1 = lambda root: statistics.fmean(
+        json.loads(p.read_text())["metrics"]["test_top1"]
+        for p in (root / "results/tunetiny/mnist1d/cnn1d_w8--cnn1d_w4/vanilla_kd").glob("seed*.json"))
+    assert f"| {untuned['metrics']['test_top1']:.2f} → {top1(tuned[0]):.2f} |" in row
+    assert "of 1 with the suite's settings" in out
+    missing = subprocess.run([sys.executable, script, "--before", "nosuchrev", "--suite", "tunetiny"], cwd=repo,
+                             capture_output=True, text=True)
+    assert missing.returncode != 0 and "--before nosuchrev: git archive failed" in missing.stderr
+
+
 def _suite_in(folder):
     (folder / "suite.yaml").write_text(SUITE)
     return folder / "suite.yaml"
