@@ -260,22 +260,23 @@ def _finished(storage, name):
     return [t for t in study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))]
 
 
-def _wait_for(condition, timeout=240):
+def _wait_for(condition, timeout=240, poll=0.5):
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.5)
+        time.sleep(poll)
 
 
 STUDY = f"tunetiny:mnist1d:{PAIR}:vanilla_kd"
 
 
 def test_a_killed_search_resumes_the_same_study(tmp_path):
-    (tmp_path / "suite.yaml").write_text(SUITE.replace("epochs: 3, batch_size: 100, lr: 0.01", "epochs: 6, "
+    # trials long enough (no pruning before epoch 20) that the kill lands while the second one runs
+    (tmp_path / "suite.yaml").write_text(SUITE.replace("epochs: 3, batch_size: 100, lr: 0.01", "epochs: 40, "
                                                        "batch_size: 100, lr: 0.01"))
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     first = _tune_process(tmp_path, storage, "--trials", "3")
-    _wait_for(lambda: len(_finished(storage, STUDY)) >= 1 or first.poll() is not None)
+    _wait_for(lambda: len(_finished(storage, STUDY)) >= 1 or first.poll() is not None, poll=0.1)
     first.send_signal(signal.SIGKILL)
     first.wait()
     before = {t.number: t.params for t in _finished(storage, STUDY)}
