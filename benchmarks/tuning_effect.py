@@ -61,14 +61,15 @@ def table(before: Path, after: Path) -> str:
     if missing:
         return f"(no untuned records at --before for {', '.join(missing)})"
     methods = [m for m in rows if m != "baseline"]
+    old_out, new_out = ({m: outcomes(recs[m]) for m in rows} for recs in (old, new))
 
-    def against(recs: dict, names: list[str], reference) -> tuple[dict, dict]:
-        diffs = {m: compare(outcomes(recs[m]), reference(m)) for m in names}
+    def against(runs: dict, names: list[str], reference: dict) -> tuple[dict, dict]:
+        diffs = {m: compare(runs[m], reference[m]) for m in names}
         return diffs, dict(zip(names, holm([d.p_value for d in diffs.values()])))
 
-    untuned, untuned_sig = against(old, methods, lambda m: outcomes(old["baseline"]))
-    tuned, tuned_sig = against(new, methods, lambda m: outcomes(new["baseline"]))
-    gain, gain_sig = against(new, rows, lambda m: outcomes(old[m]))
+    untuned, untuned_sig = against(old_out, methods, dict.fromkeys(methods, old_out["baseline"]))
+    tuned, tuned_sig = against(new_out, methods, dict.fromkeys(methods, new_out["baseline"]))
+    gain, gain_sig = against(new_out, rows, old_out)
     top1 = {m: (statistics.fmean(r["metrics"]["test_top1"] for r in old[m]),
                 statistics.fmean(r["metrics"]["test_top1"] for r in new[m])) for m in rows}
     lines = ["| method | test top-1 untuned → tuned | Δ vs baseline, suite settings | Δ vs baseline, tuned "
