@@ -13,21 +13,25 @@ mode.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
-from copy import deepcopy
 import time
+import warnings
 from collections.abc import Sequence
+from copy import deepcopy
+from pathlib import Path
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import pydantic
 import torch
+from safetensors.torch import save_model
 from torch import nn
 
+from kdbench import deploy
 from kdbench.config import MeasureConfig, TrainConfig
 from kdbench.errors import KdbenchError
 from kdbench.taps import probe_shapes
-from kdbench.metrics import cost_metrics, predict, top1
+from kdbench.metrics import cost_metrics, int8_accuracy, predict, top1
 from kdbench.method import METHODS, Method, format_validation_error, validate_config
 from kdbench.records import Record, new_record
 from kdbench.runner import deterministic, run_metrics
@@ -50,7 +54,7 @@ _REPORT_FIELDS = {
 }
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class DistillReport:
     """What ``distill`` measured, on the test split when ``test_data`` was given, else on the validation split."""
 
@@ -72,11 +76,25 @@ class DistillReport:
     train_seconds: float
     history: list[dict]  # per epoch: training loss terms and validation top-1
     logged: bool  # whether the run reached MLflow
+    # deployment (on unless ``timing={"deployment": False}``; kdbench.deploy): None where it was off or failed
+    student_onnx_latency_ms: float | None = None  # batch 1, median, ONNX Runtime fp32, timed beside eager
+    teacher_onnx_latency_ms: float | None = None
+    student_int8_latency_ms: float | None = None  # ONNX Runtime, after int8 static quantization
+    student_int8_top1: float | None = None  # percent, on the report's split, after int8 quantization
+    deployment_error: str | None = None  # why the student could not be exported or quantized
+    files: dict[str, str] = dataclasses.field(default_factory=dict)  # ``export=``: "safetensors", "onnx" → path
 
     @classmethod
-    def from_metrics(cls, method: str, split: str, metrics: dict, history: list[dict], logged: bool) -> DistillReport:
+    def from_metrics(cls, method: str, split: str, metrics: dict, history: list[dict], logged: bool,
+                     files: dict[str, str] | None = None) -> DistillReport:
         """From the metrics of a run record (``_metrics``)."""
-        return cls(method=method, split=split, history=history, logged=logged,
+        latency = lambda key: metrics.get(key, {}).get("latency_b1_ms")  # noqa: E731
+        errors = [metrics.get(k, {}).get("error") for k in ("onnxruntime", "onnxruntime_int8")]
+        return cls(method=method, split=split, history=history, logged=logged, files=files or {},
+                   student_onnx_latency_ms=latency("onnxruntime"), teacher_onnx_latency_ms=latency("teacher_onnxruntime"),
+                   student_int8_latency_ms=latency("onnxruntime_int8"),
+                   student_int8_top1=metrics.get("int8_test_top1"),
+                   deployment_error=metrics.get("deployment_error") or next((e for e in errors if e), None),
                    **{field: metrics[key] for field, key in _REPORT_FIELDS.items()})
 
     def summary(self) -> str:
@@ -85,7 +103,11 @@ class DistillReport:
         return (f"student {self.student_top1:.1f} % vs teacher {self.teacher_top1:.1f} % top-1 on the {self.split} "
                 f"split: retains {retained:.1f} % of the teacher's accuracy at "
                 f"{_times(self.teacher_params / self.student_params, 'fewer parameters', 'more parameters')} and "
-                f"{_times(self.teacher_latency_ms / self.student_latency_ms, 'lower latency', 'higher latency')}")
+                f"{_times(self.teacher_latency_ms / self.student_latency_ms, 'lower latency', 'higher latency')}"
+                + (f" ({_times(self.teacher_onnx_latency_ms / self.student_onnx_latency_ms, 'lower', 'higher')} in "
+                   "ONNX Runtime)" if self.student_onnx_latency_ms and self.teacher_onnx_latency_ms else "")
+                + (f"; {self.student_int8_top1:.1f} % top-1 after int8 quantization"
+                   if self.student_int8_top1 is not None else ""))
 
 
 def _times(ratio: float, smaller: str, larger: str) -> str:
@@ -97,16 +119,19 @@ def distill(teacher: nn.Module, student: nn.Module, data, method: str = "vanilla
             weight_decay: float = 0.0, seed: int = 0, device: str = "cpu", precision: str = "fp32",
             channels_last: bool = False, val_data=None, test_data=None,
             student_stages: Sequence[str] | None = None, teacher_stages: Sequence[str] | None = None,
-            timing: dict | None = None, log: bool = True, **hyperparameters) -> tuple[nn.Module, DistillReport]:
+            timing: dict | None = None, export: str | Path | None = None, log: bool = True,
+            **hyperparameters) -> tuple[nn.Module, DistillReport]:
     """Train ``student`` from ``teacher`` with a registered method; returns (the trained student, its report).
 
     ``data``, ``val_data``, ``test_data``: ``(X, y)`` tensors or DataLoaders (``kdbench.tracks.custom``).
     Without ``val_data`` a fixed, stratified 10 % of ``data`` is held out; without ``test_data`` the report is
     measured on the validation split. ``hyperparameters`` go to the method's config (``kdbench list methods``);
     ``student_stages``/``teacher_stages`` are dotted module names for the taps ``stage:<i>``; ``timing``
-    overrides the measurement settings (``threads``, ``throughput_batch``, ``min_run_time``). ``precision="bf16"``
-    and ``channels_last`` are the opt-in speed modes (README, "Performance"). The run is logged to MLflow unless
-    ``log=False``.
+    overrides the measurement settings (``threads``, ``throughput_batch``, ``min_run_time``, ``deployment``: on
+    by default, both models are also timed in ONNX Runtime and the student is tested after int8 quantization,
+    ``int8_calibration``: its calibration samples). ``export``: a folder where the trained student is written as
+    ``student.safetensors`` and ``student.onnx``. ``precision="bf16"`` and ``channels_last`` are the opt-in speed
+    modes (README, "Performance"). The run is logged to MLflow unless ``log=False``.
     """
     cls = METHODS.get(method)
     config = validate_config(cls, hyperparameters)
@@ -124,7 +149,7 @@ def distill(teacher: nn.Module, student: nn.Module, data, method: str = "vanilla
     train_cfg = _validated(TrainConfig, "training settings", epochs=epochs, batch_size=_batch_size(train, batch_size),
                            lr=lr, optimizer=optimizer, schedule=schedule, weight_decay=weight_decay,
                            precision=precision, channels_last=channels_last)
-    measure_cfg = _validated(MeasureConfig, "timing", **(timing or {}))
+    measure_cfg = _validated(MeasureConfig, "timing", **({"deployment": True} | (timing or {})))
     test = val if test_data is None else as_split(test_data, "test_data", dtype)
     description |= {"train": len(train), "val": len(val), "report_split": "validation" if test_data is None else "test"}
     s_model, t_model = _Adapted(student, student_stages, "student"), _Adapted(teacher, teacher_stages, "teacher")
@@ -158,9 +183,28 @@ def distill(teacher: nn.Module, student: nn.Module, data, method: str = "vanilla
                 log_run(_record(run_config, seed, device, measure_cfg, "failed", None, [], f"diverged: {exc}"))
             raise
         metrics = run_metrics(s_model, built, t_model, track, measure_cfg, time.perf_counter() - start, epochs,
-                              timed=(s_model.model, t_model.model))
+                              timed=(s_model, t_model))
+        if measure_cfg.deployment:
+            metrics |= int8_accuracy(s_model, track, measure_cfg.int8_calibration)[0]
+        files = _export(s_model, student, track.test.sample(2), Path(export)) if export is not None else {}
     logged = log and log_run(_record(run_config, seed, device, measure_cfg, "finished", metrics, history))
-    return student.eval(), DistillReport.from_metrics(method, description["report_split"], metrics, history, logged)
+    return student.eval(), DistillReport.from_metrics(method, description["report_split"], metrics, history, logged,
+                                                      files)
+
+
+def _export(adapted: nn.Module, student: nn.Module, sample: torch.Tensor, folder: Path) -> dict[str, str]:
+    """Write the student's weights (safetensors) and its ONNX export (the adapter: its output is the logits) into
+    ``folder``; returns the paths written. A student that does not export keeps its weights, and a warning says
+    why."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {"safetensors": str(folder / "student.safetensors")}
+    save_model(student, files["safetensors"])
+    try:
+        (folder / "student.onnx").write_bytes(deploy.export(adapted, sample))
+        files["onnx"] = str(folder / "student.onnx")
+    except deploy.NotDeployable as exc:
+        warnings.warn(f"the student's weights are in {files['safetensors']}; no ONNX file: {exc}", stacklevel=3)
+    return files
 
 
 def evaluate(model: nn.Module, data, teacher: nn.Module | None = None) -> float | tuple[float, float]:
@@ -175,12 +219,17 @@ def evaluate(model: nn.Module, data, teacher: nn.Module | None = None) -> float 
 
 def measure(model: nn.Module, sample: torch.Tensor, **timing) -> dict:
     """Size and speed of ``model`` on its device: params, FLOPs per sample, batch-1 latency (median and IQR, ms)
-    and throughput (samples/s at ``throughput_batch``). ``sample``: inputs with a batch dimension (the first is
-    used); ``timing``: ``threads`` (2), ``throughput_batch`` (256), ``min_run_time`` (0.5 s)."""
-    cfg = _validated(MeasureConfig, "timing", **timing)
-    x = torch.as_tensor(sample)[:1]
+    and throughput (samples/s at ``throughput_batch``) in eager PyTorch and, timed in the same rounds, in ONNX
+    Runtime in fp32 (``onnxruntime``: its timings and largest difference from eager) and after int8 static
+    quantization calibrated on ``sample`` (``onnxruntime_int8``; latency, not accuracy: calibrate on real data
+    with ``distill``), or the ``error`` that kept the model out. ``sample``: real inputs with a batch dimension
+    (the first is timed, all check the export); ``timing``: ``threads`` (2), ``throughput_batch`` (256),
+    ``min_run_time`` (0.5 s), ``deployment`` (True)."""
+    cfg = _validated(MeasureConfig, "timing", **({"deployment": True} | timing))
+    x = torch.as_tensor(sample)
     x = x.to(next(model.parameters()).dtype) if x.is_floating_point() else x
-    return cost_metrics([model], x, cfg.threads, cfg.throughput_batch, cfg.min_run_time)[0]
+    return cost_metrics([model], x, cfg.threads, cfg.throughput_batch, cfg.min_run_time,
+                        x if cfg.deployment else None)[0]
 
 
 def _fresh_copy(model: nn.Module) -> nn.Module:

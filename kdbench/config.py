@@ -36,23 +36,32 @@ class TrainConfig(pydantic.BaseModel):
 
     @pydantic.model_serializer(mode="wrap")
     def _without_defaults_of_opt_ins(self, handler):
-        out = handler(self)
-        for key in OPT_IN:
-            if out.get(key) == type(self).model_fields[key].default:
-                del out[key]
-        return out
+        return _without_defaults(self, handler(self), ("precision", "channels_last"))
 
 
-OPT_IN = ("precision", "channels_last")  # TrainConfig fields written only when they differ from their default
+def _without_defaults(model: pydantic.BaseModel, out: dict, opt_ins: tuple[str, ...]) -> dict:
+    """``out`` without the opt-in fields that are at their default: configs written before those fields existed
+    keep their hashes."""
+    return {k: v for k, v in out.items() if k not in opt_ins or v != type(model).model_fields[k].default}
 
 
 class MeasureConfig(pydantic.BaseModel):
-    """How size and speed are measured: threads, the throughput batch, seconds of timed blocks per model."""
+    """How size and speed are measured: threads, the throughput batch, seconds of timed blocks per model, and
+    whether models are also deployed (kdbench.deploy): exported to ONNX and timed in ONNX Runtime in fp32 and int8
+    beside eager, and each trained student quantized to int8 with ``int8_calibration`` training samples and
+    tested. Deployment is off by default, and its fields are then left out of the written config."""
 
     model_config = STRICT
     threads: int = Field(default=2, gt=0)
     throughput_batch: int = Field(default=256, gt=0)
     min_run_time: float = Field(default=0.5, gt=0)
+    deployment: bool = False
+    int8_calibration: int = Field(default=256, gt=0)  # a common size for static calibration; not from a paper
+
+    @pydantic.model_serializer(mode="wrap")
+    def _without_deployment_when_off(self, handler):
+        out = handler(self)
+        return out if self.deployment else {k: v for k, v in out.items() if k not in ("deployment", "int8_calibration")}
 
 
 def sha256_of(obj: Any) -> str:

@@ -16,6 +16,7 @@ import pandas as pd
 from tabulate import tabulate
 
 from kdbench import plots
+from kdbench.deploy import ATOL, RTOL
 from kdbench.errors import KdbenchError
 from kdbench.method import METHODS
 from kdbench.predictions import outcomes, split_outcome
@@ -32,6 +33,7 @@ from kdbench.stats import (
     verdict,
 )
 from kdbench.suite import expand, load_suite, suite_methods
+from kdbench.metrics import RUNTIMES
 from kdbench.timing import load_timing, timing_path
 from kdbench.tuned import load_tuning, tuned_sha256, tuning_path
 
@@ -72,6 +74,16 @@ a tree with uncommitted changes, or when a row has fewer finished seeds than its
   **once per architecture**, side by side with the teacher and the track's other students (alternating
   blocks of about 10 ms, so a machine's drift slows all alike). × smaller, × faster and × thr. are the
   teacher's over the student's. Compare timings only within one machine.
+- *Deployment* (suites whose `measure` has `deployment: true`): each architecture is also exported with
+  `torch.onnx.export` (its outputs checked against eager within {ATOL:g} + {RTOL:g} × the largest |output|) and
+  timed in ONNX Runtime (CPU execution provider, the suite's threads as intra-op threads, one inter-op thread),
+  in fp32 and after int8 quantization, in the same alternating rounds as eager; the table under a heading gives
+  student and teacher in each runtime, with the runtime's version. *int8 top-1*: every run's trained student
+  quantized with ONNX Runtime's static post-training recipe (`quant_pre_process`, then `quantize_static`: QDQ,
+  int8 weights per channel, int8 activations, MinMax calibration on the suite's `int8_calibration` training
+  samples, a fixed draw) and tested on one thread; *int8 − fp32*: its change from the same runs' fp32 accuracy,
+  paired by seed and sample, with its 95 % interval from the same bootstrap. A model that does not export or
+  quantize says why in its place.
 - *published*: the paper's number for the same pair and method, where the suite follows its protocol
   (`benchmarks/reference/published.yaml`, source under the table). Ours may differ by protocol details stated in
   the suite file (e.g. 5,000 CIFAR training images held out for validation).
@@ -149,13 +161,15 @@ def _pair_table(group: pd.DataFrame, timing: dict | None, published: dict[str, t
         records = _records(finished[finished["method"] == method])
         if resampler and records:
             decoded[method] = outcomes(records)
+    int8 = {m: _int8_outcomes(finished[finished["method"] == m]) for m in decoded}
+    deployed = any(c in finished and finished[c].notna().any() for c in ("m_int8_test_top1", "m_deployment_error"))
     stats, problems, traces, points = {}, [], [], []
     if "baseline" in decoded:
         stats = {m: resampler.difference(o, decoded["baseline"]) for m, o in decoded.items() if m != "baseline"}
     rejected = dict(zip(stats, holm([d.p_value for d in stats.values()])))
     rows = [{"method": f"teacher ({teacher_name})", "n": "", "failed": "", "test top-1 [95 % CI]": f"{teacher_top1:.2f}",
              "Δ vs baseline [95 % CI]": "", "p": "", "verdict": "", "retained": "100.0 %", "agreement": "",
-             "extra": ""}]
+             "extra": ""} | ({"int8 top-1": "", "int8 − fp32 [95 % CI]": ""} if deployed else {})]
     for method in order:
         runs = group[group["method"] == method]
         _check_one_config(runs)
@@ -196,7 +210,7 @@ def _pair_table(group: pd.DataFrame, timing: dict | None, published: dict[str, t
             "retained": f"{100 * done['m_test_top1'].mean() / teacher_top1:.1f} %" if not done.empty else "—",
             "agreement": f"{done['m_agreement'].mean():.1f} %" if not done.empty else "—",
             "extra": f"{int(done['m_extra_params'].iloc[0]):,}" if not done.empty else "—",
-        })
+        } | (_int8_cells(done, decoded.get(method), int8.get(method), resampler) if deployed else {}))
         first = runs.iloc[0]
         seeds = ",".join(str(s) for s in sorted(runs["seed"]))
         commits = ", ".join(sorted({str(c)[:10] for c in runs["git_commit"]}))
@@ -215,6 +229,25 @@ def _pair_table(group: pd.DataFrame, timing: dict | None, published: dict[str, t
     return PairTable(markdown, [_cost_line(cost, teacher_name, group["student"].iloc[0]),
                                 _resolution(list(stats.values()), group), *_source_notes(finished, order)],
                      traces, problems, points, teacher, cost)
+
+
+def _int8_outcomes(runs: pd.DataFrame):
+    """A row's per-sample outcomes after int8 quantization, when every finished run of it has them."""
+    records = [{"seed": r.seed, "predictions": r.predictions} for r in runs.itertuples()]
+    if records and all(isinstance(r["predictions"], dict) and "test_int8" in r["predictions"] for r in records):
+        return outcomes(records, "test_int8")
+    return None
+
+
+def _int8_cells(done: pd.DataFrame, fp32, int8, resampler: Resampler | None) -> dict:
+    """A row's int8 test top-1 and its change from the fp32 student, paired by seed and sample."""
+    errors = done["m_deployment_error"].dropna() if "m_deployment_error" in done else pd.Series(dtype=object)
+    if int8 is None or fp32 is None or resampler is None:
+        why = f"not deployed: {errors.iloc[0]}" if len(errors) else "—"
+        return {"int8 top-1": why, "int8 − fp32 [95 % CI]": ""}
+    drop = resampler.difference(int8, fp32)
+    return {"int8 top-1": f"{resampler.accuracy(int8)[0]:.2f}",
+            "int8 − fp32 [95 % CI]": f"{drop.delta:+.2f} [{drop.low:+.2f}, {drop.high:+.2f}]"}
 
 
 def _source_notes(finished: pd.DataFrame, order: list[str]) -> list[str]:
@@ -300,7 +333,8 @@ def _cost(finished: pd.DataFrame, timing: dict | None) -> dict:
         s, t = timing["student_cost"], timing["teacher_cost"]
         cost |= {"latency": s["latency_b1_ms"], "teacher_latency": t["latency_b1_ms"],
                  "throughput": s["throughput_bN"], "teacher_throughput": t["throughput_bN"],
-                 "batch": s["throughput_batch"], "env": timing["env"]}
+                 "batch": s["throughput_batch"], "env": timing["env"],
+                 "runtimes": {name: (s[name], t[name]) for name in RUNTIMES if name in s}}
     return cost
 
 
@@ -311,11 +345,48 @@ def _cost_line(cost: dict, teacher: str, student: str) -> str:
     if "latency" not in cost:
         return line + "; not timed yet (`kdbench run` times each architecture once)."
     env = cost["env"]
+    if cost["runtimes"]:
+        return line + "." + _speed_table(cost)
     return (line + f"; batch-1 latency {cost['latency']:.3f} ms against {cost['teacher_latency']:.3f} ms "
             f"({cost['teacher_latency'] / cost['latency']:.1f}× faster), {cost['throughput']:,.0f} samples/s at batch "
             f"{cost['batch']} ({cost['throughput'] / cost['teacher_throughput']:.1f}× the teacher's); timed side by "
             f"side on {env['cpu']}{' / ' + env['gpu'] if env.get('gpu') else ''}, {env['threads']} threads, "
             f"torch {env['torch']}.")
+
+
+def _speed_table(cost: dict) -> str:
+    """Batch-1 latency and throughput of student and teacher in each runtime they were timed in, side by side."""
+    env, batch = cost["env"], cost["batch"]
+    rows = [_speed_row(f"PyTorch {env['torch']} eager", {"latency_b1_ms": cost["latency"],
+                                                         "throughput_bN": cost["throughput"]},
+                       {"latency_b1_ms": cost["teacher_latency"], "throughput_bN": cost["teacher_throughput"]})]
+    for name, (student, teacher) in cost["runtimes"].items():
+        where = {"CPUExecutionProvider": " on the CPU", "CUDAExecutionProvider": " on the GPU"}.get(
+            student.get("provider"), "") if env.get("gpu") else ""
+        rows.append(_speed_row(f"ONNX Runtime {env.get('onnxruntime', '?')} {RUNTIME_LABELS[name]}{where}", student,
+                               teacher))
+    diffs = [e.get("max_abs_diff") for e in cost["runtimes"].get("onnxruntime", ()) if "max_abs_diff" in e]
+    table = tabulate(pd.DataFrame(rows), headers="keys", tablefmt="github", showindex=False, disable_numparse=True)
+    return (f" Batch-1 latency (median) and throughput at batch {batch}, timed side by side on {env['cpu']}"
+            f"{' / ' + env['gpu'] if env.get('gpu') else ''}, {env['threads']} threads:\n\n{table}\n\n" + (f"ONNX export outputs match eager within {max(diffs):.1e} (student and "
+                                          "teacher, tolerance in the protocol)." if diffs else "")).rstrip()
+
+
+RUNTIME_LABELS = {"onnxruntime": "fp32", "onnxruntime_int8": "int8 (static, QDQ)"}
+
+
+def _speed_row(runtime: str, student: dict, teacher: dict) -> dict:
+    if "error" in student or "error" in teacher:
+        reason = student.get("error") or teacher.get("error")
+        who = "student" if "error" in student else "teacher"
+        return {"runtime": runtime, "student batch-1": f"not deployed ({who}): {reason}", "teacher batch-1": "",
+                "× faster": "", "student throughput": "", "× thr.": ""}
+    return {"runtime": runtime,
+            "student batch-1": f"{student['latency_b1_ms']:.3f} ms",
+            "teacher batch-1": f"{teacher['latency_b1_ms']:.3f} ms",
+            "× faster": f"{teacher['latency_b1_ms'] / student['latency_b1_ms']:.2f}×",
+            "student throughput": f"{student['throughput_bN']:,.0f}/s",
+            "× thr.": f"{student['throughput_bN'] / teacher['throughput_bN']:.2f}×"}
 
 
 def _resolution(diffs: list, group: pd.DataFrame) -> str:

@@ -38,6 +38,10 @@ class Metrics(pydantic.BaseModel):
     latency_b1_ms: float | None = None  # benchmark runs: timed once per architecture (kdbench.timing)
     latency_b1_iqr_ms: float | None = None
     throughput_bN: float | None = None
+    int8_test_top1: float | None = None  # deployment on (kdbench.metrics.int8_accuracy): after int8 quantization
+    int8_val_top1: float | None = None
+    onnx_max_abs_diff: float | None = None  # the fp32 export's largest difference from eager
+    deployment_error: str | None = None  # why the student could not be exported or quantized
     train_seconds: float
     epochs: int
 
@@ -50,6 +54,8 @@ class Env(pydantic.BaseModel):
     gpu: str | None
     threads: int
     kdbench: str | None = None  # the installed release (older records lack it)
+    onnxruntime: str | None = None  # runs with deployment on: the runtime and exporter that ran the int8 student
+    onnx: str | None = None
 
 
 class Record(pydantic.BaseModel):

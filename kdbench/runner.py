@@ -13,9 +13,10 @@ from torch import nn
 
 from kdbench.config import MeasureConfig, RunSpec
 from kdbench.distributed import Ranks, barrier, is_main
+from kdbench import deploy
 from kdbench.errors import KdbenchError
 from kdbench.timing_lock import exclusive_use
-from kdbench.metrics import cost_metrics, flops_per_sample, predict, top1
+from kdbench.metrics import CHECK_INPUTS, calibration_for, cost_metrics, flops_per_sample, int8_accuracy, predict, top1
 from kdbench.method import METHODS, Method
 from kdbench.models import (
     count_params,
@@ -136,10 +137,16 @@ def train_and_measure(spec: RunSpec, place: Placement = Placement(), log=None) -
         barrier(place.ranks)  # every process has finished training before the main one times the models
         if is_main(place.ranks):
             preds = {"test": predict(student, data.test), "val": predict(student, data.val)}
-            record.update(status="finished", predictions={name: split_predictions(preds[name], getattr(data, name))
-                                                          for name in preds},
-                          metrics=run_metrics(student, method, run.teacher, data, spec.measure,
-                                              time.perf_counter() - start, spec.train.epochs, preds=preds))
+            metrics = run_metrics(student, method, run.teacher, data, spec.measure, time.perf_counter() - start,
+                                  spec.train.epochs, preds=preds)
+            predictions = {name: split_predictions(preds[name], getattr(data, name)) for name in preds}
+            if spec.measure.deployment:
+                int8_metrics, int8_preds = int8_accuracy(student, data, spec.measure.int8_calibration)
+                metrics |= int8_metrics
+                record["env"] |= deploy.versions()
+                if int8_preds:
+                    predictions["test_int8"] = split_predictions(int8_preds["test"], data.test)
+            record.update(status="finished", predictions=predictions, metrics=metrics)
     barrier(place.ranks)  # the other processes start nothing new while the main one measures
     if not is_main(place.ranks):
         return None
@@ -231,8 +238,9 @@ def run_metrics(student, method, teacher, data: TrackData, measure: MeasureConfi
     costs = {}
     if timed is not None:
         with exclusive_use():  # no parallel run trains while these are timed
-            student_cost, teacher_cost = cost_metrics(timed, sample, measure.threads, measure.throughput_batch,
-                                                     measure.min_run_time)
+            student_cost, teacher_cost = cost_metrics(timed, data.test.sample(CHECK_INPUTS), measure.threads,
+                                                      measure.throughput_batch, measure.min_run_time,
+                                                      calibration_for(data, measure))
         costs = student_cost | {f"teacher_{k}": v for k, v in teacher_cost.items() if k != "throughput_batch"}
     return {
         "test_top1": top1(preds["test"], data.test.y),

@@ -5,6 +5,8 @@ teacher (``kdbench.metrics.forward_times``), so a machine's drift slows them ali
 show different speeds. Every run of a pair shares its one timing, written beside the pair's records as
 ``timing.json``; the leaderboard reads it. Weights do not change the cost of these dense models, so the
 models are timed at their initial (seeded, or pretrained where a model starts from pretrained) weights.
+With deployment on (the suite's ``measure.deployment``), each model is also exported to ONNX and timed in ONNX
+Runtime, in fp32 and after int8 quantization calibrated on the track's training split, in the same rounds.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ from pathlib import Path
 
 import torch
 
+from kdbench import deploy
 from kdbench.config import RunSpec
 from kdbench.timing_lock import exclusive_use
-from kdbench.metrics import cost_metrics
+from kdbench.metrics import CHECK_INPUTS, calibration_for, cost_metrics
 from kdbench.models import create_model
 from kdbench.records import environment, git_state, now_iso, write_atomic
 
@@ -55,13 +58,15 @@ def time_architectures(specs: list[RunSpec], results_dir: Path, data_for, device
         if log:
             log(f"timing {track}: {teacher} with {', '.join(students)} side by side")
         with exclusive_use():  # no parallel run trains while these are timed
-            teacher_cost, *student_costs = cost_metrics(models, data.test.sample(1), measure.threads,
-                                                        measure.throughput_batch, measure.min_run_time)
+            teacher_cost, *student_costs = cost_metrics(models, data.test.sample(CHECK_INPUTS), measure.threads,
+                                                        measure.throughput_batch, measure.min_run_time,
+                                                        calibration_for(data, measure))
         commit, dirty = git_state()
         for student, cost in zip(students, student_costs):
             timing = {"suite": suite, "track": track, "teacher": teacher, "student": student,
                       "timed_with": [teacher, *students], "measure": measure.model_dump(mode="json"),
-                      "student_cost": cost, "teacher_cost": teacher_cost, "env": environment(measure.threads, device),
+                      "student_cost": cost, "teacher_cost": teacher_cost,
+                      "env": environment(measure.threads, device) | (deploy.versions() if measure.deployment else {}),
                       "git_commit": commit, "git_dirty": dirty, "created_at": now_iso()}
             write_atomic(paths[student], json.dumps(timing, indent=2, sort_keys=True) + "\n")
             written.append(paths[student])

@@ -125,8 +125,10 @@ def _log_run(mlflow, record: dict) -> None:
         for row in history:
             mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
         curves = set(history[-1]) if history else set()
-        final = {k: float(v) for k, v in (record["metrics"] or {}).items() if v is not None and k not in curves}
+        metrics = _flatten(record["metrics"] or {})  # deployed runtimes' timings are nested (kdbench.metrics)
+        final = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and k not in curves}
         mlflow.log_metrics(final, step=history[-1]["epoch"] if history else 0)
+        mlflow.set_tags({k: str(v)[:500] for k, v in metrics.items() if isinstance(v, str)})  # e.g. why not deployed
         mlflow.log_dict(record, "record.json")
         if record["status"] != "finished":
             mlflow.end_run(status="FAILED")

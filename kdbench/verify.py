@@ -18,7 +18,8 @@ from kdbench.records import load_record
 from kdbench.runner import Placement, run_one
 
 # Deterministic on the same machine: compared exactly. Timings (latency, throughput, seconds) are not compared.
-EXACT = ("test_top1", "val_top1", "teacher_top1", "agreement", "params", "extra_params", "flops", "epochs")
+EXACT = ("test_top1", "val_top1", "teacher_top1", "agreement", "params", "extra_params", "flops", "epochs",
+         "int8_test_top1", "int8_val_top1")  # int8: deployment on (kdbench.metrics.int8_accuracy)
 # Besides the metrics: the record's per-sample test predictions (absent on both sides counts as equal).
 PREDICTIONS = "predictions"
 

@@ -84,6 +84,18 @@ def embedding_step(method, f_s, f_t, logits=None, y=None):
     return method.loss({"logits": logits, "embedding": f_s}, {"logits": logits, "embedding": f_t}, y, 0.0)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: one thread is fastest, and spares a shared 2-core machine from oversubscription (a module
+    opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def session_home(tmp_path_factory):
     return tmp_path_factory.mktemp("kdbench-home")

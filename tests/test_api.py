@@ -21,7 +21,7 @@ from kdbench.errors import KdbenchError
 from kdbench.models import count_params
 from kdbench.tracks.custom import as_split, hold_out
 
-FAST = {"threads": 1, "throughput_batch": 8, "min_run_time": 0.01}
+FAST = {"threads": 1, "throughput_batch": 8, "min_run_time": 0.01, "deployment": False}
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -191,6 +191,30 @@ def test_evaluate_and_measure(teacher, data):
     assert cost["latency_b1_ms"] > 0 and cost["throughput_bN"] > 0 and cost["throughput_batch"] == 8
     with pytest.raises(KdbenchError, match="timing: thread: Extra inputs are not permitted"):
         kdbench.measure(teacher, x, thread=1)
+
+
+def test_deployment_times_onnx_runtime_tests_int8_and_exports_the_student(teacher, student, data, tmp_path):
+    import onnxruntime as ort
+    from safetensors.torch import load_model
+
+    timing = FAST | {"deployment": True, "int8_calibration": 32}
+    trained, report = distill(teacher, student, data, epochs=4, timing=timing, export=tmp_path / "out")
+    assert report.deployment_error is None
+    assert report.student_onnx_latency_ms > 0 and report.teacher_onnx_latency_ms > 0
+    assert report.student_int8_latency_ms > 0 and abs(report.student_int8_top1 - report.student_top1) <= 10
+    assert "in ONNX Runtime" in report.summary() and "after int8 quantization" in report.summary()
+    assert set(report.files) == {"safetensors", "onnx"}
+    reloaded = Net(8)
+    load_model(reloaded, report.files["safetensors"])
+    x = data[0][:16]
+    session = ort.InferenceSession(report.files["onnx"], providers=["CPUExecutionProvider"])
+    (onnx_logits,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), trained(x))
+        torch.testing.assert_close(torch.from_numpy(onnx_logits), trained(x), atol=1e-5, rtol=1e-5)
+    cost = kdbench.measure(trained, x, **timing)
+    assert cost["onnxruntime"]["latency_b1_ms"] > 0 and cost["onnxruntime"]["max_abs_diff"] < 1e-4
+    assert cost["onnxruntime_int8"]["latency_b1_ms"] > 0 and "error" not in cost["onnxruntime_int8"]
 
 
 def test_dataloader_batches_its_own_way(teacher, student, data):

@@ -76,7 +76,7 @@ def _untimed(record: dict) -> dict:
     """A record without what differs between two executions of the same run: timings, when/where it ran and
     the checkout's state (the local fixture's records say they come from a clean checkout, conftest)."""
     out = {k: v for k, v in record.items() if k not in ("created_at", "env", "git_commit", "git_dirty")}
-    out["metrics"] = {k: record["metrics"][k] for k in EXACT}
+    out["metrics"] = {k: record["metrics"].get(k) for k in EXACT}
     return out
 
 

@@ -1,0 +1,181 @@
+"""Deployment: a model exported to ONNX, run in ONNX Runtime, and quantized to int8 after training.
+
+- **Export**: ``torch.onnx.export`` (the ``torch.export``-based exporter) of the model in eval mode, with a dynamic
+  batch axis, from the CPU (a model on a GPU is copied there; its training mode comes back afterwards).
+- **Check**: the exported model must give the eager model's outputs on real inputs within
+  ``ATOL + RTOL · max|eager|`` (``check_outputs``); the largest difference is recorded.
+- **Runtime**: ONNX Runtime with the CPU execution provider (the CUDA one for a model on a GPU, where
+  onnxruntime-gpu provides it), a fixed number of intra-op threads, one inter-op thread, graph optimisations at
+  ONNX Runtime's default (all).
+- **int8**: ONNX Runtime's static post-training quantization, its recommended recipe: ``quant_pre_process`` (shape
+  inference and graph optimisation), then ``quantize_static``: QDQ format, int8 weights per
+  output channel and int8 activations (S8S8, ONNX Runtime's recommended first choice on CPU), MinMax calibration
+  on ``calibration`` samples of the training split (a fixed draw, ``calibration_inputs``), transformed as for
+  evaluation. Quantized models run on the CPU execution provider.
+
+A model that does not export, differs from eager, or does not quantize raises ``NotDeployable`` with one line
+saying why; callers record that line, never a silent gap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import re
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization.shape_inference import quant_pre_process
+from torch import nn
+
+from kdbench.errors import KdbenchError
+from kdbench.models import model_device
+
+ATOL = 1e-5  # the exported model's outputs agree with eager within ATOL + RTOL · max|eager output|
+RTOL = 1e-5
+INPUT = "x"
+CALIBRATION_BATCH = 32
+CALIBRATION_SEED = 0  # the calibration samples are a fixed draw from the training split
+
+
+class NotDeployable(KdbenchError):
+    """The model could not be exported, differs from eager after export, or could not be quantized."""
+
+
+def export(model: nn.Module, sample: torch.Tensor) -> bytes:
+    """The ONNX model (serialized) of ``model`` in eval mode, its batch axis dynamic; ``sample``: at least two
+    real inputs (a batch of one would fix the axis)."""
+    x = sample[:2].cpu()
+    if len(x) < 2:
+        x = torch.cat([x, x])
+    was = model.training
+    try:
+        cpu = model if model_device(model).type == "cpu" else copy.deepcopy(model).cpu()
+        with _quiet():
+            program = torch.onnx.export(cpu.eval(), (x,), input_names=[INPUT], output_names=["logits"], dynamo=True,
+                                        dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
+    except Exception as exc:  # the exporter raises many kinds; the reason is recorded, not hidden
+        raise NotDeployable(f"torch.onnx.export failed: {_first_line(exc)}") from None
+    finally:
+        model.train(was)
+    return program.model_proto.SerializeToString()
+
+
+def session(model_bytes: bytes, threads: int, device: str | torch.device = "cpu") -> ort.InferenceSession:
+    """An ONNX Runtime session with ``threads`` intra-op threads, on the execution provider for ``device``."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3  # errors only
+    provider = provider_for(device)
+    try:
+        return ort.InferenceSession(model_bytes, options, providers=[provider])
+    except Exception as exc:
+        raise NotDeployable(f"ONNX Runtime cannot load the model: {_first_line(exc)}") from None
+
+
+def provider_for(device: str | torch.device) -> str:
+    """ONNX Runtime's execution provider for a torch device; a GPU without onnxruntime-gpu is a clear error."""
+    if torch.device(device).type != "cuda":
+        return "CPUExecutionProvider"
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise NotDeployable("this onnxruntime has no CUDAExecutionProvider: pip install onnxruntime-gpu to time "
+                            "models on the GPU in ONNX Runtime")
+    return "CUDAExecutionProvider"
+
+
+def run(sess: ort.InferenceSession, x: torch.Tensor) -> torch.Tensor:
+    """The session's output (logits) for inputs ``x``."""
+    return torch.from_numpy(sess.run(None, {INPUT: x.cpu().numpy()})[0])
+
+
+def check_outputs(model: nn.Module, sess: ort.InferenceSession, x: torch.Tensor) -> float:
+    """The largest absolute difference between the session's and the eager model's outputs on ``x`` (eager on the
+    CPU); raises ``NotDeployable`` beyond the tolerance."""
+    reference = model if model_device(model).type == "cpu" else copy.deepcopy(model).cpu()  # no TF32 on the CPU
+    was = reference.training
+    with torch.inference_mode():
+        eager = reference.eval()(x.cpu()).float()
+    reference.train(was)
+    exported = run(sess, x).float()
+    if exported.shape != eager.shape:
+        raise NotDeployable(f"the ONNX model returns shape {tuple(exported.shape)}, eager {tuple(eager.shape)}")
+    diff = float((exported - eager).abs().max())
+    tolerance = ATOL + RTOL * float(eager.abs().max())
+    if not diff <= tolerance:  # NaN fails too
+        raise NotDeployable(f"the ONNX model's outputs differ from eager by {diff:.3g} (tolerance {tolerance:.3g})")
+    return diff
+
+
+def calibration_inputs(split, n: int) -> torch.Tensor:
+    """``n`` inputs of the training split (all if it has fewer), a fixed draw, transformed as for evaluation."""
+    n = min(n, len(split))
+    chosen = torch.randperm(len(split), generator=torch.Generator().manual_seed(CALIBRATION_SEED))[:n]
+    return split.subset(chosen.sort().values).sample(n)
+
+
+def quantize(model_bytes: bytes, calibration: torch.Tensor) -> bytes:
+    """The model quantized to int8 (``INT8``), calibrated on ``calibration`` inputs."""
+    with tempfile.TemporaryDirectory() as folder, _quiet():
+        fp32, prepared, int8 = (Path(folder) / f"{name}.onnx" for name in ("fp32", "prepared", "int8"))
+        fp32.write_bytes(model_bytes)
+        try:
+            quant_pre_process(fp32, prepared)
+            quantize_static(prepared, int8, _Batches(calibration), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+        except Exception as exc:
+            raise NotDeployable(f"int8 quantization failed: {_first_line(exc)}") from None
+        return int8.read_bytes()
+
+
+def predict_session(sess: ort.InferenceSession, split) -> torch.Tensor:
+    """Top-1 predicted class of every sample of ``split``, in order."""
+    return torch.cat([run(sess, x).argmax(1) for x, _ in split.batches(split.eval_batch)])
+
+
+def versions() -> dict:
+    """The runtime's and the exporter's versions, for records and the leaderboard's protocol."""
+    return {"onnxruntime": ort.__version__, "onnx": onnx.__version__}
+
+
+class _Batches(CalibrationDataReader):
+    def __init__(self, x: torch.Tensor):
+        self._batches = iter([{INPUT: x[i:i + CALIBRATION_BATCH].cpu().numpy()}
+                              for i in range(0, len(x), CALIBRATION_BATCH)])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._batches, None)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporter and the quantizer print progress and warnings (the quantizer on the root logger); a benchmark
+    run's log stays readable."""
+    loggers = [logging.getLogger(name) for name in ("", "onnxscript", "onnx_ir", "torch.onnx", "torch.export")]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
+
+
+def _first_line(exc: BaseException) -> str:
+    """The root cause's first line (the exporter wraps it in pages of advice), without terminal colours."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:300]
