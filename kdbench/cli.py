@@ -338,8 +338,9 @@ def cmd_new_method(args) -> int:
           "     Deviations:), the Config fields, taps and loss\n"
           f"  2. pytest tests/test_method_contract.py -k {n}    # then once with --update-golden\n"
           f"  3. tests/test_{n}.py: your loss's values computed by hand on fixed tensors\n"
-          f"  4. kdbench run --suite cpu --method {n}    # every CPU pair and seed, records under results/\n"
-          "  5. kdbench leaderboard && kdbench methods-page    # commit both with the records")
+          f"  4. kdbench tune --suite cpu --method {n}    # the suite's trial budget, validation split only\n"
+          f"  5. kdbench run --suite cpu --method {n}    # every CPU pair and seed, records under results/\n"
+          "  6. kdbench leaderboard && kdbench methods-page    # commit both with the records")
     return 0
 
 

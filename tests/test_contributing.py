@@ -32,7 +32,7 @@ def test_new_method_writes_a_registered_unfinished_method(tmp_path, capsys):
     assert main(["new-method", "my_kd", "--dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert f"KDBENCH_METHODS_PATH={tmp_path}" in out and "pytest tests/test_method_contract.py -k my_kd" in out
-    assert "kdbench run --suite cpu --method my_kd" in out and "kdbench methods-page" in out
+    assert "kdbench tune --suite cpu --method my_kd" in out and "kdbench run --suite cpu --method my_kd" in out and "kdbench methods-page" in out
     assert [p.name for p in tmp_path.iterdir()] == ["my_kd.py"]
     assert not (DEFAULT_METHODS_DIR / "my_kd.py").exists()
 
