@@ -125,6 +125,7 @@ def cmd_run(args) -> int:
 def _run(args) -> int:
     from kdbench.distributed import is_main
     from kdbench.executor import auto_workers, execute, execute_on_ray
+    from kdbench.records import would_dirty_checkout
     from kdbench.runner import is_finished, preflight, run_one, track_data
     from kdbench.suite import expand, load_suite, parse_seeds
     from kdbench.timing import time_architectures
@@ -133,6 +134,10 @@ def _run(args) -> int:
         raise KdbenchError("--workers is for the local executor; on Ray each run takes the CPUs its threads need")
     if args.executor == "local" and args.address:
         raise KdbenchError("--address names a Ray cluster: add --executor ray")
+    if would_dirty_checkout(Path(args.results_dir)):
+        raise KdbenchError(f"--results-dir {args.results_dir} is inside the checkout but outside results/ and not "
+                           "ignored by git: its records would mark every later record as made from a dirty tree; "
+                           "use a folder under results/ or outside the checkout")
     suite = load_suite(args.suite)
     seeds = parse_seeds(args.seeds) if args.seeds else None
     specs = expand(suite, _split_list(args.method), _split_list(args.track), _split_list(args.pair), seeds)

@@ -140,6 +140,18 @@ def git_state(root: Path | None = None) -> tuple[str | None, bool | None]:
         return None, None
 
 
+def would_dirty_checkout(folder: Path) -> bool:
+    """Whether records written to ``folder`` would make the checkout kdbench runs from dirty (and so every record
+    made after them): inside it, outside ``results/`` and not ignored by git."""
+    if CHECKOUT is None:
+        return False
+    folder = Path(folder).resolve()
+    if not folder.is_relative_to(CHECKOUT) or folder.is_relative_to(CHECKOUT / "results"):
+        return False
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(folder / "x.json")], cwd=CHECKOUT, capture_output=True)
+    return ignored.returncode == 1  # 0: ignored; 128: not a git repository
+
+
 # The fields that say which run a record is: its suite and seed, and these, copied from its config.
 IDENTITY = ("track", "teacher", "student", "method", "method_version")
 

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from kdbench.records import git_state
+from kdbench import records
+from kdbench.cli import main
+from kdbench.records import git_state, would_dirty_checkout
 
 
 def _git(root, *args) -> str:
@@ -81,3 +83,19 @@ def test_default_root_is_the_package_checkout():
     if not (root / ".git").exists():
         pytest.skip("kdbench is not running from a git checkout")
     assert git_state()[0] == _git(root, "rev-parse", "HEAD")
+
+
+def test_a_results_dir_that_would_dirty_the_checkout_is_found(repo, tmp_path, monkeypatch):
+    monkeypatch.setattr(records, "CHECKOUT", repo)
+    assert would_dirty_checkout(repo / "results-new") and would_dirty_checkout(repo / "kdbench" / "out")
+    assert not would_dirty_checkout(repo / "results" / "mine")  # generated outputs
+    assert not would_dirty_checkout(repo / ".kdbench" / "r")  # ignored
+    assert not would_dirty_checkout(tmp_path / "elsewhere")
+
+
+def test_run_refuses_such_a_results_dir_before_training(repo, tiny_suite, monkeypatch, capsys):
+    monkeypatch.setattr(records, "CHECKOUT", repo)
+    assert main(["run", "--suite", str(tiny_suite), "--results-dir", str(repo / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is inside the checkout but outside results/" in err
+    assert not (repo / "out").exists()
