@@ -116,6 +116,13 @@ def check_outputs(model: nn.Module, sess: ort.InferenceSession, x: torch.Tensor)
     return diff
 
 
+def export_checked(model: nn.Module, inputs: torch.Tensor, threads: int = 1) -> tuple[bytes, float]:
+    """(the ONNX export of ``model``, its largest difference from eager on ``inputs``): ``export`` then
+    ``check_outputs`` on a CPU session with ``threads``; raises ``NotDeployable`` where either refuses."""
+    exported = export(model, inputs)
+    return exported, check_outputs(model, session(exported, threads), inputs)
+
+
 def calibration_inputs(split, n: int) -> torch.Tensor:
     """``n`` inputs of the training split (all if it has fewer), a fixed draw, transformed as for evaluation."""
     n = min(n, len(split))

@@ -148,8 +148,7 @@ def _deployed(model: nn.Module, inputs: torch.Tensor, calibration: torch.Tensor,
     export's largest difference from eager; or the error that kept the model out of it). The export is checked
     on the CPU; fp32 runs on the model's device, int8 on the CPU."""
     try:
-        exported = deploy.export(model, inputs)
-        max_diff = deploy.check_outputs(model, deploy.session(exported, threads), inputs)
+        exported, max_diff = deploy.export_checked(model, inputs, threads)
     except deploy.NotDeployable as exc:
         return {}, {name: {"error": str(exc)} for name in RUNTIMES}
     device = model_device(model)
@@ -173,8 +172,7 @@ def int8_accuracy(student: nn.Module, data, calibration_size: int) -> tuple[dict
     deployed gets ``deployment_error`` instead."""
     check = data.test.sample(CHECK_INPUTS)
     try:
-        exported = deploy.export(student, check)
-        max_diff = deploy.check_outputs(student, deploy.session(exported, 1), check)
+        exported, max_diff = deploy.export_checked(student, check)
         int8 = deploy.session(deploy.quantize(exported, deploy.calibration_inputs(data.train, calibration_size)), 1)
     except deploy.NotDeployable as exc:
         return {"deployment_error": str(exc)}, {}

@@ -29,17 +29,12 @@ CPU_TIER = sorted(n for n in MODELS.names() if n.startswith(("cnn1d_", "cnn2d_")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _exported_and_checked(model: nn.Module, x: torch.Tensor) -> tuple[bytes, float]:
-    exported = deploy.export(model, x)
-    return exported, deploy.check_outputs(model, deploy.session(exported, 1), x)
-
-
 @pytest.mark.parametrize("name", CPU_TIER)
 def test_every_cpu_tier_architecture_exports_matches_eager_and_quantizes(name):
     torch.manual_seed(0)
     model = create_model(name).train()
     x = torch.randn(5, *MODELS.get(name).in_shape)
-    exported, diff = _exported_and_checked(model, x)
+    exported, diff = deploy.export_checked(model, x)
     assert diff <= deploy.ATOL and model.training  # the model's mode comes back
     quantized = deploy.quantize(exported, torch.randn(40, *x.shape[1:]))
     assert deploy.run(deploy.session(quantized, 1), x).shape == (5, 10)
@@ -59,7 +54,7 @@ def test_a_gpu_tier_model_of_each_family_exports(tmp_path):
              (create_model("bert_base_6l", 2, (2, 12), tmp_path), tokens)]
     for model, x in cases:
         model.eval()
-        exported, diff = _exported_and_checked(model, x)
+        exported, diff = deploy.export_checked(model, x)
         with torch.no_grad():
             eager = model(x)
         assert diff <= deploy.ATOL + deploy.RTOL * float(eager.abs().max())
