@@ -18,6 +18,7 @@ trials among those before it computes the outcome, so every process computes the
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import math
 import os
 import statistics
@@ -28,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import optuna
+import sqlalchemy
 from filelock import FileLock
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
@@ -54,6 +56,7 @@ from kdbench.tuned import (
 
 HEARTBEAT_SECONDS, GRACE_SECONDS = 10, 30  # a trial without a heartbeat for GRACE_SECONDS is failed and retried
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
+STARTED = "objective_started"  # user attribute: the number of the trial whose objective began
 
 
 def default_storage() -> str:
@@ -64,18 +67,31 @@ def study_name(spec: RunSpec) -> str:
     return f"{spec.suite}:{spec.track}:{spec.pair}:{spec.method}"
 
 
+def _rdb_storage(storage: str, attempts: int = 5) -> optuna.storages.RDBStorage:
+    """Optuna's RDB storage at ``storage``. Processes opening a new database at the same moment all create its
+    schema, and all but one fail ("table … already exists", "UNIQUE constraint failed: alembic_version"): the
+    schema is there when they try again."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return optuna.storages.RDBStorage(
+                storage, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2))
+        except sqlalchemy.exc.DatabaseError as exc:
+            error = exc
+            time.sleep(0.2 * attempt)
+        except Exception as exc:  # noqa: BLE001 - a bad URL or an unreachable server, in one line
+            error = exc
+            break
+    first_line = str(error).splitlines()[0] if str(error) else ""
+    raise KdbenchError(f"--storage {storage}: cannot open it ({type(error).__name__}: {first_line})") from None
+
+
 def open_study(name: str, storage: str, budget: int) -> optuna.Study:
     """The study ``name`` in ``storage``, created if new; a trial left running by a killed process is failed after
     GRACE_SECONDS without a heartbeat and enqueued again with the same parameters."""
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        rdb = optuna.storages.RDBStorage(
-            storage, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2))
-    except Exception as exc:  # noqa: BLE001 - a bad URL or an unreachable server, in one line
-        raise KdbenchError(f"--storage {storage}: cannot open it ({type(exc).__name__}: "
-                           f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    rdb = _rdb_storage(storage)
     try:
         started = rdb.get_n_trials(rdb.get_study_id_from_name(name))
     except KeyError:
@@ -100,14 +116,26 @@ def counted_trials(study: optuna.Study, budget: int) -> list[FrozenTrial]:
 def wait_for_counted(study: optuna.Study, budget: int, log: Callable[[str], None]) -> None:
     """Wait until the first ``budget`` trials by number are all finished (another process may still be running one
     of them), so the outcome does not depend on which process computes it, or when. A trial of a killed process
-    fails once its heartbeat is GRACE_SECONDS old, and the next trial takes its place."""
+    fails (``fail_dead_trials``) and the next trial takes its place."""
     announced = False
     while len(counted_trials(study, budget)) < budget:
         if not announced:
             log(f"  waiting for another process's trial(s) among the study's first {budget}")
             announced = True
-        optuna.storages.fail_stale_trials(study)
+        fail_dead_trials(study)
         time.sleep(HEARTBEAT_SECONDS / 2)
+
+
+def fail_dead_trials(study: optuna.Study) -> None:
+    """Fail the running trials whose process died: those whose heartbeat is GRACE_SECONDS old (Optuna's check,
+    which enqueues them again), and those whose process died between creating the trial and its first heartbeat,
+    which Optuna's check never fails: running for GRACE_SECONDS without having started the objective."""
+    optuna.storages.fail_stale_trials(study)
+    now = datetime.datetime.now()
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        started = trial.user_attrs.get(STARTED) == trial.number  # a retried trial inherits its first try's mark
+        if not started and (now - trial.datetime_start).total_seconds() > GRACE_SECONDS:
+            study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
 
 
 def suggest(trial: optuna.Trial, name: str, space) -> float | int | str | bool:
@@ -141,6 +169,7 @@ class Objective:
         self.space = METHODS.get(base.method).search_space
 
     def __call__(self, trial: optuna.Trial) -> float:
+        trial.set_user_attr(STARTED, trial.number)
         params = {f"train.{k}": suggest(trial, f"train.{k}", r.distribution()) for k, r in self.tune.train_space.items()}
         params |= {f"method.{k}": suggest(trial, f"method.{k}", space) for k, space in self.space.items()}
         spec = trial_spec(self.base, _values(params))

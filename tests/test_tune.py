@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -303,6 +305,57 @@ def test_two_processes_share_one_study(tmp_path):
     assert 4 <= len(finished) <= 5  # a process stops after its own trial once the study has the budget
     entry = json.loads((tmp_path / "tuning.json").read_text())["entries"][0]
     assert entry["trials"] == 4  # the outcome counts the budget's first finished trials only
+
+
+def test_a_trial_orphaned_before_its_first_heartbeat_is_failed_and_replaced(tmp_path):
+    # a process killed between creating a trial and its first heartbeat leaves it running with no heartbeat, which
+    # Optuna's stale-trial check never fails: the next process must fail it, not wait for it for ever
+    from kdbench.tuning import open_study
+
+    _suite_in(tmp_path)
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    orphan = optuna.trial.create_trial(state=TrialState.RUNNING)
+    orphan.datetime_start -= datetime.timedelta(hours=1)
+    open_study(STUDY, storage, budget=2).add_trial(orphan)
+    process = _tune_process(tmp_path, storage, "--trials", "2")
+    try:
+        out, _ = process.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        pytest.fail(f"kdbench tune waited for the orphaned trial: {process.communicate()[0]}")
+    assert process.returncode == 0, out
+    trials = optuna.load_study(study_name=STUDY, storage=storage).get_trials()
+    assert trials[0].state == TrialState.FAIL
+    assert [t.state for t in trials[1:]] == [TrialState.COMPLETE] * 2
+    assert json.loads((tmp_path / "tuning.json").read_text())["entries"][0]["trials"] == 2
+
+
+def _open_when_all_are_ready(storage, ready, errors):
+    from kdbench.tuning import open_study
+
+    ready.wait()
+    try:
+        open_study(STUDY, storage, budget=2)
+    except KdbenchError as exc:
+        errors.put(str(exc))
+
+
+def test_processes_opening_a_new_storage_at_once_all_open_it(tmp_path):
+    # each creates the schema of the new database; all but one used to fail ("table … already exists",
+    # "UNIQUE constraint failed: alembic_version.version_num")
+    processes = 4
+    context = multiprocessing.get_context("fork")
+    ready, errors = context.Barrier(processes), context.Queue()
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    workers = [context.Process(target=_open_when_all_are_ready, args=(storage, ready, errors))
+               for _ in range(processes)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+    assert [w.exitcode for w in workers] == [0] * processes
+    assert errors.empty(), errors.get()
+    assert optuna.get_all_study_names(storage) == [STUDY]
 
 
 def test_a_suite_without_a_tune_section_is_refused(tiny_suite, capsys):
