@@ -119,10 +119,12 @@ def test_ddp_matches_one_process_at_the_same_global_batch(ddp_results, name):
 
 
 # Batch norm statistics stay per process (SyncBatchNorm needs a GPU): cnn1d_w4 normalizes each half-batch of
-# 100 by itself instead of the batch of 200, so the tiny run lands near, not on, one process's result
-# (measured: test top-1 25.0 % vs 24.5 %, final training loss 0.583 vs 0.588).
+# 100 by itself instead of the batch of 200, so the tiny run lands near, not on, one process's result. Measured
+# on AMD EPYC: first-epoch training loss 2.0355 vs 2.0301 (0.3 %), test top-1 34.79 % vs 35.58 %. The second
+# epoch's loss, where the one-cycle schedule drops it fast, amplifies the difference by a factor that depends on
+# the CPU's float kernels (0.465 vs 0.443 there, 0.583 vs 0.588 on Intel Xeon), so only the first is compared.
 TOP1_TOLERANCE = 2.0  # percentage points
-LOSS_RTOL = 0.03
+FIRST_LOSS_RTOL = 0.01
 
 
 def _record(results) -> tuple:
@@ -150,7 +152,7 @@ def test_torchrun_trains_one_run_like_one_process(tiny_suite, tmp_path, capsys):
     assert ddp["ddp_backend"] == "gloo" and "distributed" not in single["config"]
     assert ddp["config"] == single["config"] | {"distributed": ddp["config"]["distributed"]}
     assert abs(ddp["metrics"]["test_top1"] - single["metrics"]["test_top1"]) <= TOP1_TOLERANCE
-    assert ddp["history"][-1]["train_loss"] == pytest.approx(single["history"][-1]["train_loss"], rel=LOSS_RTOL)
+    assert ddp["history"][0]["train_loss"] == pytest.approx(single["history"][0]["train_loss"], rel=FIRST_LOSS_RTOL)
     mlflow.set_tracking_uri(store)
     assert len(mlflow.search_runs(search_all_experiments=True)) == 1  # rank 0 alone logged
     capsys.readouterr()
