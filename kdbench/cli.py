@@ -442,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add(name, help_):
         epilog = "examples:\n" + "\n".join(f"  {example}" for example in EXAMPLES[name])
-        return sub.add_parser(name, help=help_, description=help_, epilog=epilog,
+        return sub.add_parser(name, help=help_.replace("%", "%%"), description=help_, epilog=epilog,  # help is %-formatted
                               formatter_class=argparse.RawDescriptionHelpFormatter)
 
     p = add("list", "list registered methods, models, tracks, suites or pairs")

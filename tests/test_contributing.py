@@ -125,3 +125,13 @@ def test_every_command_has_examples_in_its_help():
         assert len(examples) == 2, f"`kdbench {name} --help` has no examples"
         commands_shown = [line for line in examples[1].splitlines() if "kdbench " in line]
         assert len(commands_shown) >= 2, f"`kdbench {name} --help` shows fewer than 2 examples"
+
+
+def test_the_top_level_help_lists_every_command(capsys):
+    (commands,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["--help"])
+    shown = capsys.readouterr().out
+    assert exit_.value.code == 0
+    assert all(name in shown for name in commands.choices)
+    assert "Δ with its 95 % interval" in shown  # a help text's % is printed, not taken for a format
