@@ -286,7 +286,7 @@ def _positive(text: str, flag: str) -> int:
 
 def _context(args, tier: str):
     """Data root, download flag and device from the command line; ``auto`` takes the GPU for GPU-tier suites only,
-    so CPU-tier results stay bit-exact on any machine. On Ray the cluster's GPUs count, not this machine's."""
+    so a CPU-tier run never moves to a GPU. On Ray the cluster's GPUs count, not this machine's."""
     import torch
 
     from kdbench.runner import Placement
@@ -363,17 +363,20 @@ def cmd_methods_page(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from kdbench.records import load_record
-    from kdbench.verify import format_pair, verify
+    from kdbench.records import environment, load_record
+    from kdbench.verify import format_pair, other_machine, verify
 
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if args.verbose else None
     record = load_record(Path(args.record))
     print(f"re-running {record.track} {record.method} seed {record.seed} from {args.record} …", file=sys.stderr, flush=True)
-    rows = verify(Path(args.record), _context(args, "gpu" if record.env.gpu else "cpu"), log)
+    place = _context(args, "gpu" if record.env.gpu else "cpu")
+    rows = verify(Path(args.record), place, log)
     table = [(name, *format_pair(old, new), "match" if ok else "MISMATCH") for name, old, new, ok in rows]
     print(tabulate(table, headers=["metric", "recorded", "re-run", ""], tablefmt="simple", disable_numparse=True))
     mismatches = sum(not ok for *_, ok in rows)
-    print("verified: every deterministic metric matches" if not mismatches else f"{mismatches} metric(s) differ")
+    note = mismatches and other_machine(record.model_dump(), {"env": environment(record.env.threads, place.device)})
+    print("verified: every deterministic metric matches" if not mismatches
+          else f"{mismatches} metric(s) differ" + (f"; {note}" if note else ""))
     return 0 if not mismatches else 1
 
 

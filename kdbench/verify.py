@@ -55,6 +55,15 @@ def compare_records(committed: dict, fresh: dict) -> dict[str, tuple]:
     return diffs
 
 
+def other_machine(committed: dict, fresh: dict) -> str | None:
+    """How the re-run's machine differs from the record's (CPU or GPU model, torch), when both say: float kernels
+    differ between CPU models and releases, so runs are bit-exact on the same ones only. None when they agree."""
+    was, now = committed.get("env") or {}, fresh.get("env") or {}
+    moved = [f"{key} {was[key]} → {now[key]}" for key in ("cpu", "gpu", "torch")
+             if was.get(key) and now.get(key) and was[key] != now[key]]
+    return f"re-run on another machine ({', '.join(moved)}): bit-exact only on the record's" if moved else None
+
+
 def format_value(value) -> str:
     """A cell of a comparison: ints as they are, floats to at most 4 decimals (95.2, not 95.19999999999999),
     a dict or list (predictions) as the start of its sha256."""

@@ -9,7 +9,7 @@ from kdbench.cli import main
 from kdbench.errors import KdbenchError
 from kdbench.leaderboard import render
 from kdbench.predictions import split_outcome
-from kdbench.records import load_records
+from kdbench.records import environment, load_records
 from kdbench.timing import load_timing, timing_path
 
 
@@ -132,7 +132,12 @@ def test_verify_reports_match_and_mismatch(finished_run, tmp_path, capsys):
     tampered.write_text(json.dumps(raw))
     assert main(["verify", str(tampered)]) == 1
     out = capsys.readouterr().out
-    assert "test_top1" in out and "MISMATCH" in out and "1 metric(s) differ" in out
+    assert "test_top1" in out and "MISMATCH" in out and "1 metric(s) differ\n" in out
+    raw["env"]["cpu"] = "Another CPU"  # a record made on another machine: the mismatch says so
+    tampered.write_text(json.dumps(raw))
+    assert main(["verify", str(tampered)]) == 1
+    assert f"1 metric(s) differ; re-run on another machine (cpu Another CPU → {environment(1)['cpu']}): bit-exact only on " \
+        "the record's" in capsys.readouterr().out
 
 
 def test_verify_missing_file(capsys):

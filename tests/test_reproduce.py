@@ -161,6 +161,12 @@ def test_row_verdict():
     assert row_verdict([same, outcome({}, committed=False)]) == "1/2 bit-exact: no committed record for 1 of 2"
     assert row_verdict([outcome({"status": ("finished", "failed")})]) == \
         "0/1 bit-exact: status differs in 1 of 1 (finished → failed)"
+    xeon, epyc = {**RECORD, "env": {"cpu": "Xeon", "torch": "2.14"}}, {"env": {"cpu": "EPYC", "torch": "2.14"}}
+    moved = [Outcome(None, epyc, xeon, {"test_top1": (95.2, 95.1)}), Outcome(None, epyc, xeon, {})]
+    assert row_verdict(moved) == ("1/2 bit-exact: test_top1 differs in 1 of 2 (max |Δ| 0.1); re-run on another "
+                                  "machine (cpu Xeon → EPYC): bit-exact only on the record's")
+    assert row_verdict([Outcome(None, xeon, xeon, {"test_top1": (95.2, 95.1)})]) == \
+        "0/1 bit-exact: test_top1 differs in 1 of 1 (max |Δ| 0.1)"  # same machine: no note
 
 
 def test_numbers_are_printed_rounded():
