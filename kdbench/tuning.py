@@ -260,11 +260,16 @@ def _short(params: dict) -> str:
 
 
 def write_entry(path: Path, suite: str, entry: TuningEntry) -> None:
-    """Add or replace the row's entry in the tuning file (processes sharing it take turns)."""
+    """Add or replace the row's entry in the tuning file (processes sharing it take turns).
+
+    An entry that differs only in ``code_version`` is the same study's outcome re-read by a later checkout: the
+    file keeps the commit it was tuned from."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(path.with_name(f".{path.name}.lock")):
         entries = load_tuning(path, suite)
-        entries[(entry.track, entry.pair, entry.method)] = entry
+        key = (entry.track, entry.pair, entry.method)
+        if key not in entries or entries[key].model_copy(update={"code_version": entry.code_version}) != entry:
+            entries[key] = entry
         tuning = TuningFile(suite=suite, entries=tuple(entries[k] for k in sorted(entries)))
         write_atomic(path, tuning.model_dump_json(indent=1) + "\n")
 

@@ -372,3 +372,19 @@ def test_the_sealed_test_split_refuses_every_use():
         SealedSplit().x
     with pytest.raises(KdbenchError, match="sealed while tuning"):
         len(SealedSplit())
+
+
+def test_a_finished_study_re_read_later_keeps_the_commit_it_was_tuned_from(tmp_path):
+    from kdbench.tuned import TunedValues, TuningEntry, load_tuning
+    from kdbench.tuning import write_entry
+
+    entry = TuningEntry(track="mnist1d", pair=PAIR, method="baseline", values=TunedValues(method={}, train={"lr": 0.02}),
+                        study="s", budget=2, trials=2, seeds=(100,), best_val_top1=90.0, interval=(90.0, 90.0),
+                        study_sha256="a" * 64, tuned_sha256="b" * 64, code_version="1" * 40)
+    path = tmp_path / "tuning.json"
+    write_entry(path, "tunetiny", entry)
+    write_entry(path, "tunetiny", entry.model_copy(update={"code_version": "2" * 40}))  # resumed from a later commit
+    assert load_tuning(path, "tunetiny")[("mnist1d", PAIR, "baseline")].code_version == "1" * 40
+    retuned = entry.model_copy(update={"code_version": "2" * 40, "study_sha256": "c" * 64})
+    write_entry(path, "tunetiny", retuned)
+    assert load_tuning(path, "tunetiny")[("mnist1d", PAIR, "baseline")] == retuned
