@@ -1,7 +1,7 @@
 """GPU check and epoch timings: the CIFAR-100 smoke suite on CUDA, then one epoch of the CRD protocol per pair
-(and per method on resnet32x4 → resnet8x4), and one epoch of that pair in each opt-in speed mode (bf16 autocast,
-channels-last) against fp32 eager, on full-size data: random pixels written in the native format, since
-the timing, not the accuracy, is what is measured. Writes ``summary.json`` to ``$OUT`` (default /tmp/gpu_out).
+(and per method on resnet32x4 → resnet8x4), and two epochs of that pair in each opt-in speed mode (bf16 autocast,
+channels-last, torch.compile with and without CUDA graphs) against fp32 eager, on full-size data: random pixels
+written in the native format, since the timing, not the accuracy, is what is measured. Writes ``summary.json`` to ``$OUT`` (default /tmp/gpu_out).
 
     python benchmarks/gpu_epoch_times.py [cuda|cpu]
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdbench.runner import Placement, preflight, run_one
+from kdbench.runner import Placement, prepare, preflight, run_one, validation_curve
 from kdbench.suite import expand, load_suite
 
 device = sys.argv[1] if len(sys.argv) > 1 else "cuda"
@@ -45,16 +45,27 @@ summary["smoke_seconds"] = time.perf_counter() - start
 print("smoke done", summary["smoke_seconds"], flush=True)
 
 full = expand(load_suite("cifar100"), seeds=(0,))
-# the opt-in speed modes against the same code's fp32 eager path, one epoch each, on the CRD protocol's main pair
+# the opt-in speed modes against the same code's fp32 eager path, two epochs each (the first includes
+# torch.compile's compilation; the second is the steady epoch time), on the CRD protocol's main pair
 (base,) = [s for s in full if s.method == "vanilla_kd" and s.pair == "resnet32x4:resnet8x4"]
 summary["speed_modes"] = []
-for mode in ({}, {"channels_last": True}, {"precision": "bf16"}, {"precision": "bf16", "channels_last": True}):
-    one = base.train.model_copy(update={"epochs": 1, **mode})
-    spec = dataclasses.replace(base, suite="gpu-check", train=one,
-                               teacher_train=base.teacher_train.model_copy(update={"epochs": 1}))
-    rec = run_one(spec, out / "modes" / "-".join(f"{k}={v}" for k, v in mode.items()) or "fp32", place, mirror=None)
-    summary["speed_modes"].append({"mode": mode or "fp32 eager", "status": rec["status"],
-                                   "train_seconds": (rec["metrics"] or {}).get("train_seconds")})
+teacher_train = base.teacher_train.model_copy(update={"epochs": 1})
+prepare(dataclasses.replace(base, teacher_train=teacher_train), place)  # the teacher trained and cached before timing
+for mode in ({}, {"channels_last": True}, {"precision": "bf16"}, {"precision": "bf16", "channels_last": True},
+             {"compile": "default"}, {"compile": "reduce-overhead"},
+             {"compile": "reduce-overhead", "precision": "bf16", "channels_last": True}):
+    spec = dataclasses.replace(base, suite="gpu-check", train=base.train.model_copy(update={"epochs": 2, **mode}),
+                               teacher_train=teacher_train)
+    ends = [time.perf_counter()]
+
+    def epoch_ended(row):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        ends.append(time.perf_counter())
+
+    history = validation_curve(spec, place, on_epoch=epoch_ended)
+    summary["speed_modes"].append({"mode": mode or "fp32 eager", "epoch_seconds": [b - a for a, b in zip(ends, ends[1:])],
+                                   "val_top1": [row["val_top1"] for row in history]})
     print(json.dumps(summary["speed_modes"][-1]), flush=True)
 epoch_runs = [s for s in full if s.method == "vanilla_kd"] + [s for s in full if s.student == "resnet8x4" and s.method != "vanilla_kd"]
 summary["one_epoch"] = []

@@ -117,7 +117,7 @@ def _times(ratio: float, smaller: str, larger: str) -> str:
 def distill(teacher: nn.Module, student: nn.Module, data, method: str = "vanilla_kd", *, epochs: int = 10,
             batch_size: int | None = None, lr: float = 1e-3, optimizer: str = "adamw", schedule: str = "onecycle",
             weight_decay: float = 0.0, seed: int = 0, device: str = "cpu", precision: str = "fp32",
-            channels_last: bool = False, val_data=None, test_data=None,
+            channels_last: bool = False, compile: str = "none", val_data=None, test_data=None,
             student_stages: Sequence[str] | None = None, teacher_stages: Sequence[str] | None = None,
             timing: dict | None = None, export: str | Path | None = None, log: bool = True,
             **hyperparameters) -> tuple[nn.Module, DistillReport]:
@@ -130,8 +130,9 @@ def distill(teacher: nn.Module, student: nn.Module, data, method: str = "vanilla
     overrides the measurement settings (``threads``, ``throughput_batch``, ``min_run_time``, ``deployment``: on
     by default, both models are also timed in ONNX Runtime and the student is tested after int8 quantization,
     ``int8_calibration``: its calibration samples). ``export``: a folder where the trained student is written as
-    ``student.safetensors`` and ``student.onnx``. ``precision="bf16"`` and ``channels_last`` are the opt-in speed
-    modes (README, "Performance"). The run is logged to MLflow unless ``log=False``.
+    ``student.safetensors`` and ``student.onnx``. ``precision="bf16"``, ``channels_last`` and ``compile``
+    ("default" or "reduce-overhead", ``torch.compile``'s modes) are the opt-in speed modes (README,
+    "Performance"). The run is logged to MLflow unless ``log=False``.
     """
     cls = METHODS.get(method)
     config = validate_config(cls, hyperparameters)
@@ -148,7 +149,7 @@ def distill(teacher: nn.Module, student: nn.Module, data, method: str = "vanilla
         val = as_split(val_data, "val_data", dtype)
     train_cfg = _validated(TrainConfig, "training settings", epochs=epochs, batch_size=_batch_size(train, batch_size),
                            lr=lr, optimizer=optimizer, schedule=schedule, weight_decay=weight_decay,
-                           precision=precision, channels_last=channels_last)
+                           precision=precision, channels_last=channels_last, compile=compile)
     measure_cfg = _validated(MeasureConfig, "timing", **({"deployment": True} | (timing or {})))
     test = val if test_data is None else as_split(test_data, "test_data", dtype)
     description |= {"train": len(train), "val": len(val), "report_split": "validation" if test_data is None else "test"}

@@ -33,10 +33,13 @@ class TrainConfig(pydantic.BaseModel):
     # records made before they existed keep their hashes; a run that uses one says so in its config
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: the training step's forwards under torch.autocast
     channels_last: bool = False  # models and image batches in channels-last memory format (4-D inputs only)
+    # torch.compile of the training step's forwards and losses, in one of torch's modes ("reduce-overhead": CUDA
+    # graphs on a GPU); the same math, rounded differently
+    compile: Literal["none", "default", "reduce-overhead"] = "none"
 
     @pydantic.model_serializer(mode="wrap")
     def _without_defaults_of_opt_ins(self, handler):
-        return _without_defaults(self, handler(self), ("precision", "channels_last"))
+        return _without_defaults(self, handler(self), ("precision", "channels_last", "compile"))
 
 
 def _without_defaults(model: pydantic.BaseModel, out: dict, opt_ins: tuple[str, ...]) -> dict:

