@@ -364,7 +364,7 @@ def cmd_methods_page(args) -> int:
 
 def cmd_verify(args) -> int:
     from kdbench.records import environment, load_record
-    from kdbench.verify import format_pair, other_machine, verify
+    from kdbench.verify import format_pair, other_machine, teacher_note, verify
 
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if args.verbose else None
     record = load_record(Path(args.record))
@@ -374,9 +374,10 @@ def cmd_verify(args) -> int:
     table = [(name, *format_pair(old, new), "match" if ok else "MISMATCH") for name, old, new, ok in rows]
     print(tabulate(table, headers=["metric", "recorded", "re-run", ""], tablefmt="simple", disable_numparse=True))
     mismatches = sum(not ok for *_, ok in rows)
-    note = mismatches and other_machine(record.model_dump(), {"env": environment(record.env.threads, place.device)})
+    notes = [other_machine(record.model_dump(), {"env": environment(record.env.threads, place.device)}),
+             teacher_note(rows)] if mismatches else []
     print("verified: every deterministic metric matches" if not mismatches
-          else f"{mismatches} metric(s) differ" + (f"; {note}" if note else ""))
+          else "; ".join([f"{mismatches} metric(s) differ", *filter(None, notes)]))
     return 0 if not mismatches else 1
 
 

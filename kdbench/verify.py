@@ -14,6 +14,7 @@ from pathlib import Path
 from kdbench.config import RunSpec
 from kdbench.errors import KdbenchError
 from kdbench.method import METHODS
+from kdbench.paths import kdbench_home
 from kdbench.records import load_record
 from kdbench.runner import Placement, run_one
 
@@ -62,6 +63,15 @@ def other_machine(committed: dict, fresh: dict) -> str | None:
     moved = [f"{key} {was[key]} → {now[key]}" for key in ("cpu", "gpu", "torch")
              if was.get(key) and now.get(key) and was[key] != now[key]]
     return f"re-run on another machine ({', '.join(moved)}): bit-exact only on the record's" if moved else None
+
+
+def teacher_note(rows: list[tuple[str, object, object, bool]]) -> str | None:
+    """What a differing ``teacher_top1`` means: the re-run read a cached teacher other than the record's (trained by
+    other code, or on another machine) and every metric after it differs with it. None when the teachers agree."""
+    if all(ok for name, *_, ok in rows if name == "teacher_top1"):
+        return None
+    return (f"the teacher differs from the record's: this re-run used the one cached in {kdbench_home() / 'teachers'}; "
+            "set KDBENCH_HOME to an empty folder to re-train it")
 
 
 def format_value(value) -> str:

@@ -140,6 +140,30 @@ def test_verify_reports_match_and_mismatch(finished_run, tmp_path, capsys):
         "the record's" in capsys.readouterr().out
 
 
+def test_verify_says_when_the_cached_teacher_is_not_the_records(finished_run, session_home, tmp_path, monkeypatch,
+                                                                 capsys):
+    """A teacher cache filled by other code or on another machine: every metric differs, and the verdict says why."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    (path,) = [p for p, r in load_records(finished_run / "results") if r.method == "vanilla_kd" and r.seed == 0]
+    home = tmp_path / "home"
+    shutil.copytree(session_home / "teachers", home / "teachers")
+    noise = torch.Generator().manual_seed(0)
+    for cached in (home / "teachers").glob("*.safetensors"):  # another teacher under the record's cache key
+        weights = load_file(cached)
+        save_file({k: v + torch.randn(v.shape, generator=noise) if k.endswith("weight") else v
+                   for k, v in weights.items()}, cached)
+    monkeypatch.setenv("KDBENCH_HOME", str(home))
+    assert main(["verify", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert next(line for line in out.splitlines() if line.startswith("teacher_top1")).endswith("MISMATCH")
+    assert out.rstrip().endswith(f"; the teacher differs from the record's: this re-run used the one cached in "
+                                 f"{home / 'teachers'}; set KDBENCH_HOME to an empty folder to re-train it")
+
+
 def test_verify_missing_file(capsys):
     assert main(["verify", "/nonexistent/seed0.json"]) == 2
     assert capsys.readouterr().err.strip() == "kdbench: error: record /nonexistent/seed0.json does not exist"
