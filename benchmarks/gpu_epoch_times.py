@@ -1,7 +1,9 @@
-"""GPU check and epoch timings: the CIFAR-100 smoke suite on CUDA, then one epoch of the CRD protocol per pair
-(and per method on resnet32x4 → resnet8x4), and two epochs of that pair in each opt-in speed mode (bf16 autocast,
-channels-last, torch.compile with and without CUDA graphs) against fp32 eager, on full-size data: random pixels
-written in the native format, since the timing, not the accuracy, is what is measured. Writes ``summary.json`` to ``$OUT`` (default /tmp/gpu_out).
+"""GPU check and epoch timings: the CIFAR-100 smoke suite, two epochs of the CRD protocol's resnet32x4 → resnet8x4
+pair in each opt-in speed mode (bf16 autocast, channels-last, torch.compile with and without CUDA graphs) against
+fp32 eager, then one epoch per pair (and per method on that pair). On full-size data on CUDA (1,000 training
+images on CPU): random pixels written in the native format, since the timing, not the accuracy, is measured.
+Writes ``summary.json`` (with the commit it ran from) to ``$OUT`` (default /tmp/gpu_out) after every step;
+``SMOKE_RUNS`` (24) and ``ONE_EPOCH_RUNS`` (all) shorten the first and last parts.
 
     python benchmarks/gpu_epoch_times.py [cuda|cpu]
 """
@@ -16,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kdbench.records import environment, git_state
 from kdbench.runner import Placement, prepare, preflight, run_one, validation_curve
 from kdbench.suite import expand, load_suite
 
@@ -31,7 +34,9 @@ for name, n in (("train", n_train), ("test", n_test)):
     batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"fine_labels": [int(v) for v in np.arange(n) % 100]}
     (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
 os.environ["KDBENCH_HOME"] = "/tmp/kd_home"
-summary = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "torch": torch.__version__}
+commit, dirty = git_state()
+summary = {"device": torch.cuda.get_device_name(0) if device == "cuda" else environment(1)["cpu"],
+           "torch": torch.__version__, "git_commit": commit, "git_dirty": dirty}
 place = Placement(root, device=device)
 
 smoke = expand(load_suite("cifar100-smoke"))[: int(os.environ.get("SMOKE_RUNS", "24"))]
@@ -67,6 +72,7 @@ for mode in ({}, {"channels_last": True}, {"precision": "bf16"}, {"precision": "
     summary["speed_modes"].append({"mode": mode or "fp32 eager", "epoch_seconds": [b - a for a, b in zip(ends, ends[1:])],
                                    "val_top1": [row["val_top1"] for row in history]})
     print(json.dumps(summary["speed_modes"][-1]), flush=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
 epoch_runs = [s for s in full if s.method == "vanilla_kd"] + [s for s in full if s.student == "resnet8x4" and s.method != "vanilla_kd"]
 summary["one_epoch"] = []
 for spec in epoch_runs:
@@ -80,8 +86,8 @@ for spec in epoch_runs:
            "teacher_latency_b1_ms": m.get("teacher_latency_b1_ms"), "throughput_bN": m.get("throughput_bN"),
            "teacher_throughput_bN": m.get("teacher_throughput_bN")}
     summary["one_epoch"].append(row)
-    if os.environ.get("ONE_EPOCH_RUNS") and len(summary["one_epoch"]) >= int(os.environ["ONE_EPOCH_RUNS"]):
-        break
     print(json.dumps(row), flush=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    if os.environ.get("ONE_EPOCH_RUNS") and len(summary["one_epoch"]) >= int(os.environ["ONE_EPOCH_RUNS"]):
+        break
 print("done", flush=True)
