@@ -82,9 +82,7 @@ for spec in epoch_runs:
     rec = run_one(spec, out / "epoch", place, mirror=None)
     m = rec["metrics"] or {}
     row = {"run": spec.label(), "status": rec["status"], "wall_s": time.perf_counter() - t0,
-           "train_seconds": m.get("train_seconds"), "latency_b1_ms": m.get("latency_b1_ms"),
-           "teacher_latency_b1_ms": m.get("teacher_latency_b1_ms"), "throughput_bN": m.get("throughput_bN"),
-           "teacher_throughput_bN": m.get("teacher_throughput_bN")}
+           "train_seconds": m.get("train_seconds")}  # latencies: per pair, by `kdbench run` (timing.json)
     summary["one_epoch"].append(row)
     print(json.dumps(row), flush=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
