@@ -3,7 +3,9 @@ pair in each opt-in speed mode (bf16 autocast, channels-last, torch.compile with
 fp32 eager, then one epoch per pair (and per method on that pair). On full-size data on CUDA (1,000 training
 images on CPU): random pixels written in the native format, since the timing, not the accuracy, is measured.
 Writes ``summary.json`` (with the commit it ran from) to ``$OUT`` (default /tmp/gpu_out) after every step;
-``SMOKE_RUNS`` (24) and ``ONE_EPOCH_RUNS`` (all) shorten the first and last parts.
+``SMOKE_RUNS`` (24) and ``ONE_EPOCH_RUNS`` (all) shorten the first and last parts. On a lent GPU machine with
+minutes to spare, the speed modes come first and each step is saved as it ends, so a short window still brings
+them back: ``OUT=$OUT SMOKE_RUNS=2 ONE_EPOCH_RUNS=2 timeout 480 python benchmarks/gpu_epoch_times.py cuda``.
 
     python benchmarks/gpu_epoch_times.py [cuda|cpu]
 """
