@@ -105,6 +105,18 @@ def test_batches_are_reproducible(data_root, monkeypatch):
     assert all(torch.equal(a[1], b[1]) and not torch.equal(a[0], b[0]) for a, b in zip(first, plain))
 
 
+def test_indexed_batches_give_each_sample_its_position(data_root):
+    """What CRD's memory bank reads (the 'index' tap): the same batches, each with its samples' rows in the split."""
+    train = load_track("imagenet", data_root).train
+    indexed = list(train.indexed_batches(4, torch.Generator().manual_seed(0), train=True))
+    plain = list(train.batches(4, torch.Generator().manual_seed(0), train=True))
+    assert len(indexed) == len(plain) == 3
+    for (idx, x, y), (x2, y2) in zip(indexed, plain):
+        assert torch.equal(x, x2) and torch.equal(y, y2) and torch.equal(y, train.y[idx])
+    assert torch.equal(torch.cat([idx for idx, *_ in indexed]),
+                       torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:12])
+
+
 def test_eval_batches_in_order_and_deterministic(data_root):
     data = load_track("imagenet", data_root)
     test = data.test
@@ -218,10 +230,10 @@ def test_smoke_suite_vanilla_kd(data_root, tmp_path):
 @pytest.mark.slow
 def test_smoke_suite_every_method(data_root, tmp_path):
     records = _smoke(data_root, tmp_path / "r", [])
-    from kdbench.method import METHODS
+    from kdbench.suite import expand, load_suite
 
-    assert sorted(r["method"] for r in records) == sorted(METHODS.names())
+    assert sorted(r["method"] for r in records) == sorted(spec.method for spec in expand(load_suite("imagenet-smoke")))
     assert all(r["status"] == "finished" for r in records), [(r["method"], r.get("error")) for r in records]
     # re-running a record's config and seed gives the same accuracy and agreement, exactly
-    (kd,) = [p for p in sorted((tmp_path / "r").rglob("seed*.json")) if "vanilla_kd" in str(p)]
+    (kd,) = [p for p in sorted((tmp_path / "r").rglob("seed*.json")) if p.parent.name == "vanilla_kd"]
     assert main(["verify", str(kd), "--data-root", str(data_root)]) == 0

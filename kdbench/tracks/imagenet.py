@@ -109,8 +109,8 @@ class _Images(torch.utils.data.Dataset):
 class FolderSplit:
     """Images on disk (paths relative to ``root``), decoded and transformed per batch by DataLoader workers.
 
-    Implements the split interface of ``kdbench.tracks.Split``: ``len``, ``y``, ``batches``, ``sample``,
-    ``subset`` and ``eval_batch``. Paths are a numpy bytes array (no per-path Python objects for the forked
+    Implements the split interface of ``kdbench.tracks.Split``: ``len``, ``y``, ``batches``, ``indexed_batches``,
+    ``sample``, ``subset`` and ``eval_batch``. Paths are a numpy bytes array (no per-path Python objects for the forked
     workers to copy).
     """
 
@@ -129,6 +129,13 @@ class FolderSplit:
                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Shuffled full batches with a generator (the last partial one dropped; with ``train`` each sample
         augmented under its own seed from the generator); all samples in order, eval transform, without."""
+        for _, x, y in self.indexed_batches(batch_size, generator, train):
+            yield x, y
+
+    def indexed_batches(self, batch_size: int, generator: torch.Generator | None = None, train: bool = False
+                        ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """As ``batches``, each batch with its samples' positions in this split (the rows of a memory bank, as
+        CRD keeps one per training image)."""
         n = len(self)
         if generator is None:
             order, seeds = torch.arange(n), torch.full((n,), -1)
@@ -147,7 +154,8 @@ class FolderSplit:
             pin_memory=torch.cuda.is_available(),
             generator=torch.Generator().manual_seed(0),  # its draw of the (unused) worker base seed stays private
         )
-        yield from loader
+        for chunk, (x, y) in zip(chunks, loader, strict=True):
+            yield order[chunk], x, y
 
     def sample(self, n: int) -> torch.Tensor:
         """The first ``n`` inputs, transformed as for evaluation (shape probes, FLOPs, latency)."""
