@@ -13,6 +13,9 @@ from pydantic import Field
 STRICT = pydantic.ConfigDict(extra="forbid", frozen=True)
 
 
+SPEED_MODES = ("precision", "channels_last", "compile")  # TrainConfig's opt-ins: in a written config only when on
+
+
 class TrainConfig(pydantic.BaseModel):
     """One training schedule (student or teacher)."""
 
@@ -39,7 +42,7 @@ class TrainConfig(pydantic.BaseModel):
 
     @pydantic.model_serializer(mode="wrap")
     def _without_defaults_of_opt_ins(self, handler):
-        return _without_defaults(self, handler(self), ("precision", "channels_last", "compile"))
+        return _without_defaults(self, handler(self), SPEED_MODES)
 
 
 def _without_defaults(model: pydantic.BaseModel, out: dict, opt_ins: tuple[str, ...]) -> dict:

@@ -16,6 +16,7 @@ import pandas as pd
 from tabulate import tabulate
 
 from kdbench import plots
+from kdbench.config import SPEED_MODES
 from kdbench.deploy import ATOL, RTOL
 from kdbench.errors import KdbenchError
 from kdbench.method import METHODS
@@ -227,7 +228,8 @@ def _pair_table(group: pd.DataFrame, timing: dict | None, published: dict[str, t
     cost = _cost(finished, timing)
     teacher = {"acc": teacher_top1, "params": cost["teacher_params"], "latency": cost.get("teacher_latency")}
     return PairTable(markdown, [_cost_line(cost, teacher_name, group["student"].iloc[0]),
-                                _resolution(list(stats.values()), group), *_source_notes(finished, order)],
+                                _resolution(list(stats.values()), group), *_source_notes(finished, order),
+                                *_speed_mode_notes(finished, order)],
                      traces, problems, points, teacher, cost)
 
 
@@ -248,6 +250,21 @@ def _int8_cells(done: pd.DataFrame, fp32, int8, resampler: Resampler | None) -> 
     drop = resampler.difference(int8, fp32)
     return {"int8 top-1": f"{resampler.accuracy(int8)[0]:.2f}",
             "int8 − fp32 [95 % CI]": f"{drop.delta:+.2f} [{drop.low:+.2f}, {drop.high:+.2f}]"}
+
+
+def _speed_mode_notes(finished: pd.DataFrame, order: list[str]) -> list[str]:
+    """A line per combination of opt-in speed modes (``TrainConfig``: bf16, channels-last, compile) that the table's
+    teacher or rows were trained with, naming them: another configuration than the fp32 eager protocol."""
+    configs = {m: finished[finished["method"] == m]["config"].iloc[0] for m in order if m in set(finished["method"])}
+    trained = [("teacher", next(iter(configs.values())).get("teacher_train") or {}),
+               *((f"`{m}`", config["train"]) for m, config in configs.items())]
+    named: dict[str, list[str]] = {}
+    for name, train in trained:
+        modes = ", ".join(f"{k} {train[k]}" for k in SPEED_MODES if k in train)
+        if modes:
+            named.setdefault(modes, []).append(name)
+    return [f"- trained with the opt-in speed modes {modes} (README, Performance; not the fp32 eager protocol): "
+            f"{', '.join(names)}." for modes, names in named.items()]
 
 
 def _source_notes(finished: pd.DataFrame, order: list[str]) -> list[str]:

@@ -105,6 +105,23 @@ def test_same_seed_same_metrics(finished_run, tmp_path):
     assert again.config_sha256 == original.config_sha256
 
 
+def test_rows_trained_with_speed_modes_say_so(finished_run, tmp_path):
+    """A row made with an opt-in speed mode (bf16, compile) is another configuration: its table names it."""
+    import shutil
+
+    results = tmp_path / "results"
+    shutil.copytree(finished_run / "results", results)
+    for path, record in load_records(results):
+        if record.method == "vanilla_kd":
+            raw = json.loads(path.read_text())
+            raw["config"]["train"] |= {"precision": "bf16", "compile": "default"}
+            path.write_text(json.dumps(raw))
+    board = render(results)
+    assert ("- trained with the opt-in speed modes precision bf16, compile default (README, Performance; not the fp32 "
+            "eager protocol): `vanilla_kd`.") in board.splitlines()
+    assert "speed modes" not in render(finished_run / "results")
+
+
 def test_failed_runs_are_counted_not_hidden(finished_run, tmp_path):
     import shutil
 
