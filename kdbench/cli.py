@@ -375,7 +375,7 @@ def cmd_verify(args) -> int:
     print(tabulate(table, headers=["metric", "recorded", "re-run", ""], tablefmt="simple", disable_numparse=True))
     mismatches = sum(not ok for *_, ok in rows)
     notes = [other_machine(record.model_dump(), {"env": environment(record.env.threads, place.device)}),
-             record.teacher_trained_from and teacher_note(rows)] if mismatches else []  # a cached, trained teacher
+             teacher_note(record, rows)] if mismatches else []
     print("verified: every deterministic metric matches" if not mismatches
           else "; ".join([f"{mismatches} metric(s) differ", *filter(None, notes)]))
     return 0 if not mismatches else 1

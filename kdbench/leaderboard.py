@@ -255,7 +255,8 @@ def _int8_cells(done: pd.DataFrame, fp32, int8, resampler: Resampler | None) -> 
 def _speed_mode_notes(finished: pd.DataFrame, order: list[str]) -> list[str]:
     """A line per combination of opt-in speed modes (``TrainConfig``: bf16, channels-last, compile) that the table's
     teacher or rows were trained with, naming them: another configuration than the fp32 eager protocol."""
-    configs = {m: finished[finished["method"] == m]["config"].iloc[0] for m in order if m in set(finished["method"])}
+    first = finished.groupby("method")["config"].first()
+    configs = {m: first[m] for m in order if m in first.index}
     trained = [("teacher", next(iter(configs.values())).get("teacher_train") or {}),
                *((f"`{m}`", config["train"]) for m, config in configs.items())]
     named: dict[str, list[str]] = {}

@@ -65,10 +65,11 @@ def other_machine(committed: dict, fresh: dict) -> str | None:
     return f"re-run on another machine ({', '.join(moved)}): bit-exact only on the record's" if moved else None
 
 
-def teacher_note(rows: list[tuple[str, object, object, bool]]) -> str | None:
-    """What a differing ``teacher_top1`` means: the re-run read a cached teacher other than the record's (trained by
-    other code, or on another machine) and every metric after it differs with it. None when the teachers agree."""
-    if all(ok for name, *_, ok in rows if name == "teacher_top1"):
+def teacher_note(record, rows: list[tuple[str, object, object, bool]]) -> str | None:
+    """What a differing ``teacher_top1`` means for a record whose teacher was trained and cached: the re-run read a
+    cached teacher other than the record's (trained by other code, or on another machine) and every metric after it
+    differs with it. None when the teachers agree, or the teacher is pretrained weights (never read from the cache)."""
+    if not record.teacher_trained_from or all(ok for name, *_, ok in rows if name == "teacher_top1"):
         return None
     return (f"the teacher differs from the record's: this re-run used the one cached in {kdbench_home() / 'teachers'}; "
             "set KDBENCH_HOME to an empty folder to re-train it")
