@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import math
-import operator
 import os
 import sys
 from collections import defaultdict
 from collections.abc import Callable
 from contextlib import nullcontext
-from functools import reduce
 from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,6 +18,7 @@ from torch import nn
 from kdbench.config import TrainConfig
 from kdbench.distributed import Ranks, data_parallel, is_main, mean_over_ranks, per_rank_batch, shard
 from kdbench.errors import KdbenchError
+from kdbench.losses import summed
 from kdbench.taps import INDEX, FeatureTaps
 from kdbench.timing_lock import training_share
 from kdbench.metrics import predict, top1
@@ -86,7 +85,7 @@ def _step(optimizer: torch.optim.Optimizer, terms: dict[str, torch.Tensor], wher
           ranks: Ranks | None = None) -> float:
     """Sum the terms, refuse a NaN or infinite total (on any process: all of them stop at the same step), take
     one optimizer step; the total's value (averaged over processes)."""
-    loss = reduce(operator.add, terms.values())  # not sum(): no extra 0 + tensor op and its backward
+    loss = summed(terms.values())
     value = mean_over_ranks(ranks, {"loss": loss.item()})["loss"]
     if not math.isfinite(value):
         raise DivergedError(f"{where} is {value}")

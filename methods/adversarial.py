@@ -96,7 +96,7 @@ class Adversarial(Method):
         c = self.config
         z_s, z_t = student["logits"], teacher["logits"]
         d_s = self.discriminate(z_s, target)
-        terms = {"ce": c.ce_weight * F.cross_entropy(z_s, target), "l1": c.l1_weight * F.l1_loss(z_s, z_t)}
+        terms = {"ce": c.ce_weight * F.cross_entropy(z_s, target), "l1": c.l1_weight * (z_s - z_t).abs().mean()}
         if c.kd_weight > 0:  # off by default: computing a zero term cost 30 % of this loss
             terms["kd"] = c.kd_weight * kd_loss(z_s, z_t, c.temperature)
         terms["adv"] = c.adv_weight * F.binary_cross_entropy_with_logits(d_s, torch.ones_like(d_s))

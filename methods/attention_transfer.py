@@ -69,7 +69,7 @@ from pydantic import Field, model_serializer, model_validator
 
 from kdbench.errors import KdbenchError
 from kdbench.taps import MASK, is_token_sequence, real_token_mean
-from kdbench.losses import pooled_to
+from kdbench.losses import pooled_to, summed
 from kdbench.method import Method, MethodConfig, register_method
 
 ATTENTION_DEFAULTS = {"stages": (-1,), "beta": 1.0}  # maps: attention (MiniLM: last layer, weight 1)
@@ -186,9 +186,9 @@ class AttentionTransfer(Method):
     def loss(self, student, teacher, target, progress):
         c = self.config
         if c.maps == "attention":
-            at = sum(attention_kl(student[tap], teacher[tap], student[MASK]) for tap in stage_taps(c))
+            at = summed(attention_kl(student[tap], teacher[tap], student[MASK]) for tap in stage_taps(c))
         elif self.tokens:
-            at = sum(token_at_loss(student[tap], teacher[tap], student[MASK], c.p) for tap in stage_taps(c))
+            at = summed(token_at_loss(student[tap], teacher[tap], student[MASK], c.p) for tap in stage_taps(c))
         else:
-            at = sum(at_loss(student[tap], teacher[tap], c.p) for tap in stage_taps(c))
+            at = summed(at_loss(student[tap], teacher[tap], c.p) for tap in stage_taps(c))
         return {"ce": c.ce_weight * F.cross_entropy(student["logits"], target), "at": c.beta * at}

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from kdbench.losses import summed
 from kdbench.method import Method, MethodConfig, register_method
 from kdbench.taps import INPUT
 
@@ -49,7 +50,7 @@ def mutual_losses(logits: list[torch.Tensor], target: torch.Tensor, kl_weight: f
     log_p = [F.log_softmax(z, dim=1) for z in logits]
     out = []
     for i, z in enumerate(logits):
-        kl = sum(F.kl_div(log_p[i], log_p[j].detach(), reduction="batchmean", log_target=True)
+        kl = summed(F.kl_div(log_p[i], log_p[j].detach(), reduction="batchmean", log_target=True)
                  for j in range(k) if j != i)
         out.append((F.cross_entropy(z, target), kl_weight * kl / (k - 1)))
     return out
@@ -82,4 +83,4 @@ class DML(Method):
         peer_logits = [peer(student[INPUT]) for peer in self.peers]
         (ce, mutual), *peers = mutual_losses([student["logits"], *peer_logits], target, self.config.kl_weight)
         return {"ce": ce, "mutual": mutual,
-                "peer_ce": sum(p[0] for p in peers), "peer_mutual": sum(p[1] for p in peers)}
+                "peer_ce": summed(p[0] for p in peers), "peer_mutual": summed(p[1] for p in peers)}

@@ -63,7 +63,7 @@ from torch import nn
 
 from kdbench.errors import KdbenchError
 from kdbench.taps import MASK, is_token_sequence, real_token_mean
-from kdbench.losses import kd_loss
+from kdbench.losses import kd_loss, summed
 from kdbench.method import Method, MethodConfig, register_method
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d}
@@ -140,14 +140,14 @@ class FitNets(Method):
         """Σ_i MSE(r_i(F_s^i), F_t^i), unweighted; over real tokens only for hidden states."""
         pairs = zip(self.regressors, stage_taps(self.config))
         if self.tokens:
-            return sum(real_token_mean((regressor(student[tap]) - teacher[tap]).pow(2).mean(-1), student[MASK])
+            return summed(real_token_mean((regressor(student[tap]) - teacher[tap]).pow(2).mean(-1), student[MASK])
                        for regressor, tap in pairs)
-        return sum(F.mse_loss(regressor(student[tap]), teacher[tap]) for regressor, tap in pairs)
+        return summed(F.mse_loss(regressor(student[tap]), teacher[tap]) for regressor, tap in pairs)
 
     def loss(self, student, teacher, target, progress):
         c = self.config
         logits = student["logits"]
-        zero = logits.new_zeros(())
+        zero = logits.new_zeros(()) if c.two_stage else None  # a phase's left-out term
         hint_only = c.two_stage and progress < c.hint_fraction  # paper stage 1
         no_hint = c.two_stage and not hint_only  # paper stage 2
         terms = {

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from kdbench.errors import KdbenchError
-from kdbench.losses import pooled_to
+from kdbench.losses import pooled_to, summed
 from kdbench.method import Method, MethodConfig, register_method
 from kdbench.taps import MASK, is_token_sequence
 
@@ -127,8 +127,8 @@ class NST(Method):
     def loss(self, student, teacher, target, progress):
         c = self.config
         if self.tokens:
-            mmd = sum(token_nst_loss(student[tap], teacher[tap], student[MASK], c.degree, c.offset)
+            mmd = summed(token_nst_loss(student[tap], teacher[tap], student[MASK], c.degree, c.offset)
                       for tap in stage_taps(c))
         else:
-            mmd = sum(nst_loss(student[tap], teacher[tap], c.degree, c.offset) for tap in stage_taps(c))
+            mmd = summed(nst_loss(student[tap], teacher[tap], c.degree, c.offset) for tap in stage_taps(c))
         return {"ce": c.ce_weight * F.cross_entropy(student["logits"], target), "nst": c.beta * mmd}

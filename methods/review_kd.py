@@ -83,6 +83,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from kdbench.errors import KdbenchError
+from kdbench.losses import summed
 from kdbench.method import Method, MethodConfig, register_method
 from kdbench.taps import EMBEDDING, is_token_sequence
 
@@ -225,7 +226,7 @@ class ReviewKD(Method):
     def review_loss(self, student, teacher) -> torch.Tensor:
         """Σ_i HCL(G_i, F_t^i), unweighted."""
         levels = self.config.hcl_levels
-        return sum(hcl(g, f, levels) for g, f in zip(self.review(student), self._features(teacher)))
+        return summed(hcl(g, f, levels) for g, f in zip(self.review(student), self._features(teacher)))
 
     def loss(self, student, teacher, target, progress):
         c = self.config

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from kdbench.errors import KdbenchError
+from kdbench.losses import summed
 from kdbench.method import Method, MethodConfig, register_method
 from kdbench.taps import MASK, is_token_sequence
 
@@ -64,14 +65,14 @@ def stage_taps(config: SPConfig) -> tuple[str, ...]:
 def _similarity(features: torch.Tensor) -> torch.Tensor:
     """(b, ...) → (b, b): the Gram matrix of the flattened features, each row L2-normalised."""
     flat = features.flatten(1)
-    return F.normalize(flat @ flat.T, p=2, dim=1, eps=1e-12)
+    return F.normalize(torch.mm(flat, flat.t()), p=2, dim=1, eps=1e-12)
 
 
 def sp_loss(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
     """1/b² ‖G_t − G_s‖²_F (reference ``similarity_loss``); the teacher side carries no gradient."""
     b = f_s.shape[0]
     diff = _similarity(f_t.detach()) - _similarity(f_s)
-    return diff.pow(2).sum() / (b * b)
+    return (diff * diff).sum() / (b * b)
 
 
 def _zero_padding(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -112,5 +113,5 @@ class SP(Method):
             pairs = [(_zero_padding(f_s, mask), _zero_padding(f_t, mask)) for f_s, f_t in pairs]
         return {
             "ce": c.ce_weight * F.cross_entropy(student["logits"], target),
-            "sp": c.beta * sum(sp_loss(f_s, f_t) for f_s, f_t in pairs),
+            "sp": c.beta * summed(sp_loss(f_s, f_t) for f_s, f_t in pairs),
         }
