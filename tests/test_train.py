@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from kdbench.config import TrainConfig
+from kdbench.losses import summed
 from kdbench.method import SupervisedOnly, MethodConfig
 from kdbench.models import create_model
 from kdbench.tracks import Split, TrackData
@@ -161,3 +162,16 @@ def test_channels_last_refuses_a_track_without_images():
     with pytest.raises(KdbenchError, match=r"channels_last needs image batches \(N, C, H, W\); this track's batches "
                                            r"have shape \(8, 1, 40\): set channels_last: false"):
         _vanilla_kd(student, teacher, tiny_data(), TrainConfig(epochs=1, batch_size=8, lr=0.01, channels_last=True))
+
+
+def test_summed_is_sum_without_the_extra_zero_op():
+    """The loop's total and the methods' sums over stages: sum()'s value and gradients, one add per extra term."""
+    a, b, c = (torch.tensor(v, requires_grad=True) for v in (0.1, 0.2, 0.3))
+    assert summed([a]) is a
+    total = summed(t for t in (a, b, c))
+    assert torch.equal(total, sum((a, b, c)))
+    assert torch.equal(total, (a + b) + c)
+    inner = total.grad_fn.next_functions[0][0]  # (a + b): its inputs are the leaves, not 0 + a
+    assert all(f.variable is leaf for (f, _), leaf in zip(inner.next_functions, (a, b), strict=True))
+    total.backward()
+    assert [t.grad.item() for t in (a, b, c)] == [1.0, 1.0, 1.0]
