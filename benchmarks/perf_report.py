@@ -100,15 +100,19 @@ def _loss_lines(infos: list[dict]) -> list[str]:
         seconds = info["seconds_per_call"]
         ratio = _per_round(seconds["plain"], seconds["ours"])
         rows.append(f"| {info['method']} | {1e3 * statistics.median(seconds['ours']):.3f} | "
-                    f"{1e3 * statistics.median(seconds['plain']):.3f} | {_ratio_text(*ratio, 3)} | {_met(*ratio, 1.0)} |")
+                    f"{1e3 * statistics.median(seconds['plain']):.3f} | {_ratio_text(*ratio, 3)} | {_met(*ratio, 1.0)} | "
+                    f"{info['host_syncs']} |")
     return ["", "## Each method's loss against its plain formula", "",
             "Per call: the loss's forward and its backward to the student's taps and the method's own parameters "
             "(MNIST-1D, cnn1d_w32 → cnn1d_w8, batch 100, one thread); medians over paired rounds; the ratio is the "
             "median of the per-round ratios, with its 95 % interval. \"within noise\": the interval reaches 1.0, so "
             "the loss is not significantly slower than its plain formula. baseline's plain formula is its own code "
             "(CE), so its row measures what kdbench's method interface itself costs (the loss returned as a dict of "
-            "terms, then summed).", "",
-            "| method | ours (ms) | plain (ms) | plain / ours [95 % interval] | ≥ 1.0× |", "|---|---|---|---|---|",
+            "terms, then summed). Host syncs: ops of one call (forward and backward) that make the host wait for a GPU "
+            "(a value read back such as `.item()`, or a boolean mask's data-dependent shape), counted by "
+            "`torch.profiler`.", "",
+            "| method | ours (ms) | plain (ms) | plain / ours [95 % interval] | ≥ 1.0× | host syncs a call |",
+            "|---|---|---|---|---|---|",
             *rows]
 
 

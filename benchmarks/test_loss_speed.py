@@ -11,7 +11,9 @@ mdistiller, DIST_KD, ...), calling the built method's own trainable submodules (
 discriminator, peers) and, for crd, its memory banks and Z. Each is first checked to give kdbench's total loss and
 the same gradients on the student taps; then both are timed in paired rounds in one benchmark per method, the order
 alternating per round, and ``extra_info`` records each round's time per call (the report gives the median
-per-round ratio plain / ours, ≥ 1.0: kdbench's loss is at least as fast, with its 95 % interval). Nothing here asserts a time. No method is skipped.
+per-round ratio plain / ours, ≥ 1.0: kdbench's loss is at least as fast, with its 95 % interval) and how many ops
+of one call of ours would make the host wait for a GPU (host syncs, counted by the profiler). Nothing here asserts
+a time. No method is skipped.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ PROGRESS = 0.5  # past every warm-up ramp
 ROUNDS, CALLS, WARMUP_CALLS = 30, 20, 5
 SEED = 1  # torch's global RNG before each compared call (crd's negatives are drawn from it)
 NAMES = [name for name in METHODS.names() if "+" not in name]
+# ops that wait for the device on a GPU: a value read back to Python (.item(), `if tensor`) or a data-dependent
+# shape (boolean indexing); the profiler sees them on any device
+HOST_SYNCS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -385,4 +390,11 @@ def test_loss_against_plain_formula(benchmark, name):
             step(call)
     benchmark.group = "loss vs plain formula"
     benchmark.pedantic(paired_rounds, rounds=1)
-    benchmark.extra_info.update(method=name, seconds_per_call=times)
+    benchmark.extra_info.update(method=name, seconds_per_call=times, host_syncs=host_syncs(lambda: step(calls["ours"])))
+
+
+def host_syncs(call) -> int:
+    """How many ops of one call would make the host wait for a GPU."""
+    with torch.profiler.profile() as profile:
+        call()
+    return sum(event.count for event in profile.key_averages() if event.key in HOST_SYNCS)

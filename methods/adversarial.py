@@ -88,8 +88,8 @@ class Adversarial(Method):
 
     def discriminate(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """D's real/fake logit per sample (real = teacher)."""
-        if self.config.conditional:
-            logits = torch.cat([logits, F.one_hot(target, self.num_classes).to(logits.dtype)], dim=1)
+        if self.config.conditional:  # one-hot by scatter: F.one_hot reads the labels' range, a host sync on a GPU
+            logits = torch.cat([logits, torch.zeros_like(logits).scatter_(1, target.unsqueeze(1), 1.0)], dim=1)
         return self.adversary(logits).squeeze(1)
 
     def loss(self, student, teacher, target, progress):
