@@ -374,8 +374,9 @@ def cmd_verify(args) -> int:
     table = [(name, *format_pair(old, new), "match" if ok else "MISMATCH") for name, old, new, ok in rows]
     print(tabulate(table, headers=["metric", "recorded", "re-run", ""], tablefmt="simple", disable_numparse=True))
     mismatches = sum(not ok for *_, ok in rows)
-    notes = [other_machine(record.model_dump(), {"env": environment(record.env.threads, place.device)}),
-             teacher_note(record, rows)] if mismatches else []
+    # on another machine a re-trained teacher differs too: the machine is the explanation, not the cache
+    machine = other_machine(record.model_dump(), {"env": environment(record.env.threads, place.device)})
+    notes = [machine or teacher_note(record, rows)] if mismatches else []
     print("verified: every deterministic metric matches" if not mismatches
           else "; ".join([f"{mismatches} metric(s) differ", *filter(None, notes)]))
     return 0 if not mismatches else 1

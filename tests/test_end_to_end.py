@@ -179,6 +179,13 @@ def test_verify_says_when_the_cached_teacher_is_not_the_records(finished_run, se
     assert next(line for line in out.splitlines() if line.startswith("teacher_top1")).endswith("MISMATCH")
     assert out.rstrip().endswith(f"; the teacher differs from the record's: this re-run used the one cached in "
                                  f"{home / 'teachers'}; set KDBENCH_HOME to an empty folder to re-train it")
+    moved = tmp_path / "seed0.json"  # the same record made on another CPU: re-training the teacher would not help
+    raw = json.loads(path.read_text())
+    raw["env"]["cpu"] = "Another CPU"
+    moved.write_text(json.dumps(raw))
+    assert main(["verify", str(moved)]) == 1
+    out = capsys.readouterr().out
+    assert "re-run on another machine (cpu Another CPU" in out and "KDBENCH_HOME" not in out
 
 
 def test_verify_missing_file(capsys):
