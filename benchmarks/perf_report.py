@@ -120,6 +120,8 @@ def _grouped_lines(info: dict) -> list[str]:
     """One row per path of test_grouped_step.py against today's per-run step, median of per-round ratios."""
     what = {"grouped": "seeds as one vmapped model (grouped convolutions), teacher per seed",
             "grouped_teacher_batched": "the same, teacher once on the concatenated batches",
+            "grouped_layout": "seeds side by side on the channel axis without vmap (grouped convolutions, one batch "
+                              "norm over all channels, batched matmul heads), teacher per seed",
             "compiled": "per-run step, student forward and loss under torch.compile"}
     seconds = info["step_seconds"]
     lines = []

@@ -26,6 +26,7 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.func import functional_call, stack_module_state
 
 from kdbench.models import create_model
@@ -124,9 +125,72 @@ class Grouped:
         return [{k: v.grad[i] for k, v in self.params.items()} for i in range(SEEDS)]
 
 
-def test_grouped_students_train_the_same_weights(setting):
+class GroupedLayout:
+    """The SEEDS students as one model without vmap: the seeds side by side on the channel axis, (B, SEEDS · C, L),
+    each block one grouped convolution (groups = SEEDS) and one batch norm over all SEEDS · width channels, the
+    heads one batched matmul; one fused optimizer over the joined parameters (element-wise: the same update)."""
+
+    def __init__(self, spec, teacher):
+        self.c, self.teacher = spec.method_config, teacher
+        models = students()
+        self.blocks = nn.Sequential(*(self._joined([m.blocks[i] for m in models]) for i in range(len(models[0].blocks))))
+        self.head_weight = nn.Parameter(torch.stack([m.head.weight.detach() for m in models]).transpose(1, 2).clone())
+        self.head_bias = nn.Parameter(torch.stack([m.head.bias.detach() for m in models]).unsqueeze(1).clone())
+        self.params = [*self.blocks.parameters(), self.head_weight, self.head_bias]
+        self.optimizer = make_optimizer(self.params, spec.train)
+
+    @staticmethod
+    def _joined(blocks) -> nn.Sequential:
+        """SEEDS conv → BN → ReLU blocks as one: weights and batch-norm state concatenated seed after seed."""
+        conv, bn = blocks[0][0], blocks[0][1]
+        joined_conv = nn.Conv1d(SEEDS * conv.in_channels, SEEDS * conv.out_channels, conv.kernel_size,
+                                stride=conv.stride, padding=conv.padding, groups=SEEDS, bias=False)
+        joined_bn = nn.BatchNorm1d(SEEDS * bn.num_features, eps=bn.eps, momentum=bn.momentum)
+        with torch.no_grad():
+            joined_conv.weight.copy_(torch.cat([b[0].weight for b in blocks]))
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                getattr(joined_bn, name).copy_(torch.cat([getattr(b[1], name) for b in blocks]))
+        return nn.Sequential(joined_conv, joined_bn, nn.ReLU(inplace=True)).train()
+
+    def step(self, xs, ys):
+        with torch.no_grad():
+            z_t = torch.stack([self.teacher(x) for x in xs])
+        batch = xs.shape[1]
+        h = self.blocks(xs.transpose(0, 1).reshape(batch, -1, IN_SHAPE[1]))  # (B, SEEDS · C_in, L)
+        h = h.view(batch, SEEDS, -1).transpose(0, 1)  # (SEEDS, B, width · L'): each seed's flattened last block
+        z = torch.baddbmm(self.head_bias, h, self.head_weight)
+        # the seeds' losses summed: SEEDS × the loss of all their samples together (equal batch sizes)
+        loss = SEEDS * kd_loss(z.flatten(0, 1), z_t.flatten(0, 1), ys.flatten(), self.c)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+    def _per_seed(self, tensors) -> list[dict]:
+        blocks, (weight, bias) = tensors[:-2], tensors[-2:]
+        out = []
+        for g in range(SEEDS):
+            seed = {}
+            for i in range(len(blocks) // 3):
+                conv, bn_weight, bn_bias = blocks[3 * i: 3 * i + 3]
+                for name, joined in ((f"blocks.{i}.0.weight", conv), (f"blocks.{i}.1.weight", bn_weight),
+                                     (f"blocks.{i}.1.bias", bn_bias)):
+                    seed[name] = joined.view(SEEDS, -1, *joined.shape[1:])[g]
+            seed["head.weight"], seed["head.bias"] = weight[g].t(), bias[g, 0]
+            out.append(seed)
+        return out
+
+    def weights(self):
+        return self._per_seed([p.detach() for p in self.params])
+
+    def grads(self):
+        return self._per_seed([p.grad for p in self.params])
+
+
+@pytest.mark.parametrize("grouped_path", ["grouped", "grouped_layout"])
+def test_grouped_students_train_the_same_weights(setting, grouped_path):
     spec, teacher, xs, ys = setting
-    paths = {"per_run": PerRun(spec, teacher), "grouped": Grouped(spec, teacher, batched_teacher=False)}
+    grouped = Grouped(spec, teacher, batched_teacher=False) if grouped_path == "grouped" else GroupedLayout(spec, teacher)
+    paths = {"per_run": PerRun(spec, teacher), "grouped": grouped}
     for step in range(CHECK_STEPS):
         for path in paths.values():
             path.step(xs, ys)
@@ -143,6 +207,7 @@ def test_grouped_step(benchmark, setting):
     spec, teacher, xs, ys = setting
     paths = {"per_run": PerRun(spec, teacher), "grouped": Grouped(spec, teacher, batched_teacher=False),
              "grouped_teacher_batched": Grouped(spec, teacher, batched_teacher=True),
+             "grouped_layout": GroupedLayout(spec, teacher),
              "compiled": PerRun(spec, teacher, compiled=True)}
     for path in paths.values():
         for _ in range(WARMUP_STEPS):  # includes torch.compile's compilation
