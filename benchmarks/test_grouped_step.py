@@ -133,7 +133,8 @@ class GroupedLayout:
     def __init__(self, spec, teacher):
         self.c, self.teacher = spec.method_config, teacher
         models = students()
-        self.blocks = nn.Sequential(*(self._joined([m.blocks[i] for m in models]) for i in range(len(models[0].blocks))))
+        self.blocks = nn.Sequential(*(self._joined([m.blocks[i] for m in models])
+                                      for i in range(len(models[0].blocks))))
         self.head_weight = nn.Parameter(torch.stack([m.head.weight.detach() for m in models]).transpose(1, 2).clone())
         self.head_bias = nn.Parameter(torch.stack([m.head.bias.detach() for m in models]).unsqueeze(1).clone())
         self.params = [*self.blocks.parameters(), self.head_weight, self.head_bias]
@@ -189,8 +190,9 @@ class GroupedLayout:
 @pytest.mark.parametrize("grouped_path", ["grouped", "grouped_layout"])
 def test_grouped_students_train_the_same_weights(setting, grouped_path):
     spec, teacher, xs, ys = setting
-    grouped = Grouped(spec, teacher, batched_teacher=False) if grouped_path == "grouped" else GroupedLayout(spec, teacher)
-    paths = {"per_run": PerRun(spec, teacher), "grouped": grouped}
+    paths = {"per_run": PerRun(spec, teacher),
+             "grouped": Grouped(spec, teacher, batched_teacher=False) if grouped_path == "grouped"
+             else GroupedLayout(spec, teacher)}
     for step in range(CHECK_STEPS):
         for path in paths.values():
             path.step(xs, ys)

@@ -18,14 +18,13 @@ a time. No method is skipped.
 
 from __future__ import annotations
 
-import operator
 import time
-from functools import reduce
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from kdbench.losses import summed
 from kdbench.method import METHODS
 from kdbench.models import create_model
 from kdbench.sources import construct, stand_in_source
@@ -354,7 +353,7 @@ def test_loss_against_plain_formula(benchmark, name):
         pytest.fail(f"no plain formula for {name}: add plain_{name}(s, t, y, method) to {__file__}", pytrace=False)
     method, s_out, t_out, y = build(name)
     leaves = [v for v in s_out.values() if v.requires_grad]
-    calls = {"ours": lambda: reduce(operator.add, method.loss(s_out, t_out, y, PROGRESS).values()),  # as kdbench.train
+    calls = {"ours": lambda: summed(method.loss(s_out, t_out, y, PROGRESS).values()),  # as kdbench.train
              "plain": lambda: PLAIN[name](s_out, t_out, y, method)}
 
     def step(call):

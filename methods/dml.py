@@ -51,7 +51,7 @@ def mutual_losses(logits: list[torch.Tensor], target: torch.Tensor, kl_weight: f
     out = []
     for i, z in enumerate(logits):
         kl = summed(F.kl_div(log_p[i], log_p[j].detach(), reduction="batchmean", log_target=True)
-                 for j in range(k) if j != i)
+                    for j in range(k) if j != i)
         out.append((F.cross_entropy(z, target), kl_weight * kl / (k - 1)))
     return out
 

@@ -141,7 +141,7 @@ class FitNets(Method):
         pairs = zip(self.regressors, stage_taps(self.config))
         if self.tokens:
             return summed(real_token_mean((regressor(student[tap]) - teacher[tap]).pow(2).mean(-1), student[MASK])
-                       for regressor, tap in pairs)
+                          for regressor, tap in pairs)
         return summed(F.mse_loss(regressor(student[tap]), teacher[tap]) for regressor, tap in pairs)
 
     def loss(self, student, teacher, target, progress):

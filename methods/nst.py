@@ -128,7 +128,7 @@ class NST(Method):
         c = self.config
         if self.tokens:
             mmd = summed(token_nst_loss(student[tap], teacher[tap], student[MASK], c.degree, c.offset)
-                      for tap in stage_taps(c))
+                         for tap in stage_taps(c))
         else:
             mmd = summed(nst_loss(student[tap], teacher[tap], c.degree, c.offset) for tap in stage_taps(c))
         return {"ce": c.ce_weight * F.cross_entropy(student["logits"], target), "nst": c.beta * mmd}
