@@ -3,7 +3,9 @@
 A record's ``predictions`` holds, for its test and validation splits, each sample's predicted class and true
 class, and its index in the track's data where that is not its position in the split (cross-validation folds),
 each as the smallest unsigned integer type that holds it, lzma-compressed, base64 text with the type in front
-(``u1:…``): about 10 kB for 10,000 test samples of 10 classes.
+(``u1:…``): about 10 kB for 10,000 test samples of 10 classes. Two records' predictions are compared by what they
+decode to (``same_predictions``): the text also depends on the compressor's settings (older records used lzma preset 9, whose 64 MiB
+dictionary cost 30-45 ms a call and compressed these arrays no smaller than the default preset).
 """
 
 from __future__ import annotations
@@ -26,13 +28,27 @@ def encode(values: torch.Tensor | np.ndarray) -> str:
         raise ValueError("only non-negative integers (classes, sample indices) are encoded")
     top = int(array.max()) if array.size else 0
     dtype = next(d for d in DTYPES if top <= np.iinfo(np.dtype("<" + d)).max)
-    data = lzma.compress(array.astype("<" + dtype).tobytes(), preset=9)
+    data = lzma.compress(array.astype("<" + dtype).tobytes())
     return f"{dtype}:{base64.b64encode(data).decode('ascii')}"
 
 
 def decode(text: str) -> np.ndarray:
     dtype, data = text.split(":", 1)
     return np.frombuffer(lzma.decompress(base64.b64decode(data)), dtype="<" + dtype).astype(np.int64)
+
+
+def same_predictions(a: dict | None, b: dict | None) -> bool:
+    """Whether two records' ``predictions`` hold the same splits, fields and values (text that does not decode
+    is compared as text)."""
+    if a == b:
+        return True
+    if not (isinstance(a, dict) and isinstance(b, dict)) or a.keys() != b.keys():
+        return False
+    try:
+        return all(a[s].keys() == b[s].keys() and all(np.array_equal(decode(a[s][f]), decode(b[s][f])) for f in a[s])
+                   for s in a)
+    except (AttributeError, TypeError, ValueError, lzma.LZMAError):  # binascii.Error is a ValueError
+        return False
 
 
 def split_predictions(preds: torch.Tensor, split) -> dict:

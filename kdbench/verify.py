@@ -15,6 +15,7 @@ from kdbench.config import RunSpec
 from kdbench.errors import KdbenchError
 from kdbench.method import METHODS
 from kdbench.paths import kdbench_home
+from kdbench.predictions import same_predictions
 from kdbench.records import load_record
 from kdbench.runner import Placement, run_one
 
@@ -39,8 +40,8 @@ def compare_records(committed: dict, fresh: dict) -> dict[str, tuple]:
     """What differs between two records of one run: ``{name: (committed, fresh)}``, empty when they agree.
 
     Compared exactly: ``status``, ``config_sha256`` (the config itself), the deterministic metrics (EXACT; only
-    when both runs have the same status) and the ``predictions`` field. Timings, dates, machine and git state
-    are not compared."""
+    when both runs have the same status) and the ``predictions`` field, by the values it decodes to. Timings,
+    dates, machine and git state are not compared."""
     committed, fresh = _plain(committed), _plain(fresh)
     diffs: dict[str, tuple] = {}
     for key in ("status", "config_sha256"):
@@ -51,7 +52,7 @@ def compare_records(committed: dict, fresh: dict) -> dict[str, tuple]:
         for name in EXACT:
             if not _same(old.get(name), new.get(name)):
                 diffs[name] = (old.get(name), new.get(name))
-    if committed.get(PREDICTIONS) != fresh.get(PREDICTIONS):
+    if not same_predictions(committed.get(PREDICTIONS), fresh.get(PREDICTIONS)):
         diffs[PREDICTIONS] = (committed.get(PREDICTIONS), fresh.get(PREDICTIONS))
     return diffs
 

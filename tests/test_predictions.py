@@ -1,10 +1,13 @@
 """Per-sample predictions in records: compact, lossless, and what the paired analysis reads."""
 
+import base64
+import lzma
+
 import numpy as np
 import pytest
 import torch
 
-from kdbench.predictions import decode, encode, outcomes, split_predictions
+from kdbench.predictions import decode, encode, outcomes, same_predictions, split_predictions
 from kdbench.tracks import Split
 
 
@@ -32,3 +35,18 @@ def test_split_entries_carry_ids_only_where_they_are_not_positions():
     assert got[0].tolist() == [10, 4, 7] and got[1].tolist() == [True, False, True]
     ids, correct = outcomes([{"seed": 0, "predictions": {"test": split_predictions(torch.tensor([0, 1, 1, 3]), plain)}}]).by_seed[0]
     assert ids.tolist() == [0, 1, 2, 3] and correct.tolist() == [True, True, False, True]
+
+
+def test_predictions_compare_by_value_not_by_compressed_text():
+    values = np.random.default_rng(1).integers(0, 10, 300).astype("u1")
+    old_text = "u1:" + base64.b64encode(lzma.compress(values.tobytes(), preset=9)).decode("ascii")
+    assert old_text != encode(values)  # the dictionary size is in the stream's header
+    ours = {"test": {"pred": encode(values), "target": encode(values)}}
+    assert same_predictions({"test": {"pred": old_text, "target": encode(values)}}, ours)
+    changed = values.copy()
+    changed[7] = (changed[7] + 1) % 10
+    assert not same_predictions({"test": {"pred": encode(changed), "target": encode(values)}}, ours)
+    assert not same_predictions({"test": {"pred": encode(values)}}, ours)  # a field missing
+    assert not same_predictions({"val": ours["test"]}, ours)
+    assert not same_predictions({"test": {"pred": "tampered", "target": encode(values)}}, ours)
+    assert same_predictions(None, None) and not same_predictions(None, ours)
