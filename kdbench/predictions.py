@@ -11,6 +11,8 @@ dictionary cost 30-45 ms a call and compressed these arrays no smaller than the 
 from __future__ import annotations
 
 import base64
+import hashlib
+import json
 import lzma
 
 import numpy as np
@@ -49,6 +51,20 @@ def same_predictions(a: dict | None, b: dict | None) -> bool:
                    for s in a)
     except (AttributeError, TypeError, ValueError, lzma.LZMAError):  # binascii.Error is a ValueError
         return False
+
+
+def predictions_digest(predictions: dict) -> str:
+    """sha256 of what a record's ``predictions`` decode to (equal for equal values, whatever the compressor's
+    settings); of their JSON text where they do not decode."""
+    h = hashlib.sha256()
+    try:
+        for split, entry in sorted(predictions.items()):
+            for field, text in sorted(entry.items()):
+                h.update(f"{split}.{field}:".encode())
+                h.update(decode(text).tobytes())
+    except (AttributeError, TypeError, ValueError, lzma.LZMAError):
+        return hashlib.sha256(json.dumps(predictions, sort_keys=True).encode()).hexdigest()
+    return h.hexdigest()
 
 
 def split_predictions(preds: torch.Tensor, split) -> dict:

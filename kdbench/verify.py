@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import tempfile
@@ -15,7 +14,7 @@ from kdbench.config import RunSpec
 from kdbench.errors import KdbenchError
 from kdbench.method import METHODS
 from kdbench.paths import kdbench_home
-from kdbench.predictions import same_predictions
+from kdbench.predictions import predictions_digest, same_predictions
 from kdbench.records import load_record
 from kdbench.runner import Placement, run_one
 
@@ -78,23 +77,23 @@ def teacher_note(record, rows: list[tuple[str, object, object, bool]]) -> str | 
 
 def format_value(value) -> str:
     """A cell of a comparison: ints as they are, floats to at most 4 decimals (95.2, not 95.19999999999999),
-    a dict or list (predictions) as the start of its sha256."""
+    predictions as the start of the sha256 of what they decode to (``predictions_digest``)."""
     if isinstance(value, float):
         if not math.isfinite(value):
             return str(value)
         if value != 0 and abs(value) < 1e-4:
             return f"{value:.4g}"
         return repr(round(value, 4))
-    if isinstance(value, (dict, list, tuple)):
-        digest = hashlib.sha256(json.dumps(_plain(value), sort_keys=True).encode()).hexdigest()
-        return f"sha256 {digest[:12]}"
+    if isinstance(value, dict):
+        return f"sha256 {predictions_digest(value)[:12]}"
     return str(value)
 
 
 def format_pair(old, new) -> tuple[str, str]:
     """Both cells of a row; two different values that would print alike are shown in full."""
     a, b = format_value(old), format_value(new)
-    if a == b and not _same(_plain(old), _plain(new)):
+    equal = same_predictions(old, new) if isinstance(old, dict) else _same(_plain(old), _plain(new))
+    if a == b and not equal:
         a, b = repr(old), repr(new)
     return a, b
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdbench.predictions import decode, encode, outcomes, same_predictions, split_predictions
+from kdbench.predictions import decode, encode, outcomes, predictions_digest, same_predictions, split_predictions
 from kdbench.tracks import Split
 
 
@@ -43,9 +43,11 @@ def test_predictions_compare_by_value_not_by_compressed_text():
     assert old_text != encode(values)  # the dictionary size is in the stream's header
     ours = {"test": {"pred": encode(values), "target": encode(values)}}
     assert same_predictions({"test": {"pred": old_text, "target": encode(values)}}, ours)
+    assert predictions_digest({"test": {"pred": old_text, "target": encode(values)}}) == predictions_digest(ours)
     changed = values.copy()
     changed[7] = (changed[7] + 1) % 10
     assert not same_predictions({"test": {"pred": encode(changed), "target": encode(values)}}, ours)
+    assert predictions_digest({"test": {"pred": encode(changed), "target": encode(values)}}) != predictions_digest(ours)
     assert not same_predictions({"test": {"pred": encode(values)}}, ours)  # a field missing
     assert not same_predictions({"val": ours["test"]}, ours)
     assert not same_predictions({"test": {"pred": "tampered", "target": encode(values)}}, ours)
