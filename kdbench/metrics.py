@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 
 import torch
 from torch import nn
@@ -165,14 +165,15 @@ def _deployed(model: nn.Module, inputs: torch.Tensor, calibration: torch.Tensor,
     return sessions, about
 
 
-def int8_accuracy(student: nn.Module, data, calibration_size: int) -> tuple[dict, dict[str, torch.Tensor]]:
+def int8_accuracy(student: nn.Module, data, calibration_size: int, architecture: Hashable | None = None
+                  ) -> tuple[dict, dict[str, torch.Tensor]]:
     """(metrics, predictions by split) of ``student`` exported and quantized to int8 (``kdbench.deploy``), its
     calibration drawn from ``data.train``, run on one ONNX Runtime thread (deterministic): test and validation
     top-1 after quantization and the fp32 export's largest difference from eager. A student that cannot be
-    deployed gets ``deployment_error`` instead."""
+    deployed gets ``deployment_error`` instead. ``architecture``: as ``deploy.export``'s."""
     check = data.test.sample(CHECK_INPUTS)
     try:
-        exported, max_diff = deploy.export_checked(student, check)
+        exported, max_diff = deploy.export_checked(student, check, architecture=architecture)
         int8 = deploy.session(deploy.quantize(exported, deploy.calibration_inputs(data.train, calibration_size)), 1)
     except deploy.NotDeployable as exc:
         return {"deployment_error": str(exc)}, {}

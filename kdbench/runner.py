@@ -141,7 +141,8 @@ def train_and_measure(spec: RunSpec, place: Placement = Placement(), log=None) -
                                   spec.train.epochs, preds=preds)
             predictions = {name: split_predictions(preds[name], getattr(data, name)) for name in preds}
             if spec.measure.deployment:
-                int8_metrics, int8_preds = int8_accuracy(student, data, spec.measure.int8_calibration)
+                int8_metrics, int8_preds = int8_accuracy(student, data, spec.measure.int8_calibration,
+                                                         architecture=(spec.student, data.num_classes))
                 metrics |= int8_metrics
                 record["env"] |= deploy.versions()
                 if int8_preds:

@@ -61,6 +61,72 @@ def test_a_gpu_tier_model_of_each_family_exports(tmp_path):
         assert deploy.run(deploy.session(deploy.quantize(exported, x), 1), x).shape == eager.shape
 
 
+def _canonical(model_bytes: bytes) -> tuple:
+    """An ONNX model without its names and metadata: opsets, inputs and outputs, and each node's op, attributes and
+    wiring, value names replaced by their order of first appearance; initializers by value."""
+    proto = onnx.load_from_string(model_bytes)
+    graph, ids = proto.graph, {}
+
+    def id_of(name: str) -> int | None:
+        return ids.setdefault(name, len(ids)) if name else None
+
+    inits = [(id_of(t.name), onnx.numpy_helper.to_array(t).dtype.str, onnx.numpy_helper.to_array(t).tobytes())
+             for t in graph.initializer]
+    io = [(id_of(v.name), str(v.type)) for v in (*graph.input, *graph.output)]
+    nodes = [(n.op_type, n.domain, [id_of(i) for i in n.input], [id_of(o) for o in n.output],
+              sorted(str(a) for a in n.attribute)) for n in graph.node]
+    return sorted(str(o) for o in proto.opset_import), io, sorted(inits), nodes
+
+
+def _trained_like(name: str, seed: int, *shape) -> nn.Module:
+    """A model of ``name`` whose weights and batch-norm statistics all differ from its initial ones."""
+    torch.manual_seed(seed)
+    model = create_model(name, *shape)
+    with torch.no_grad():
+        for tensor in (*model.parameters(), *model.buffers()):
+            if tensor.is_floating_point():
+                tensor.copy_(tensor + 0.1 * torch.rand_like(tensor))  # positive: variances stay variances
+    return model.eval()
+
+
+@pytest.mark.parametrize("name, shape, int8", [("cnn1d_w8", (10, (1, 40)), True), ("cnn2d_w16", (10, (1, 8, 8)), True),
+                                              ("resnet8", (100, (3, 32, 32)), False), ("bert_base_6l", (2, (2, 12)), False)])
+def test_a_named_architecture_is_traced_once_and_exports_as_a_full_export_does(name, shape, int8, tmp_path):
+    """``export(..., architecture=key)`` gives a later model of the key the graph, weights and fp32 and int8
+    outputs that a full export of it gives (names and metadata aside), not the first model's weights."""
+    if name.startswith("bert"):
+        from test_sst2 import write_tiny_bert
+
+        write_tiny_bert(tmp_path / "pretrained" / "bert-base-uncased")
+        shape = (*shape, tmp_path)
+        x = torch.stack([torch.randint(5, 30, (6, 12)), torch.ones(6, 12, dtype=torch.long)], 1)
+    else:
+        x = torch.randn(6, *shape[1])
+    first, later = _trained_like(name, 0, *shape), _trained_like(name, 1, *shape)
+    full = deploy.export(later, x)
+    deploy._TRACED.clear()
+    deploy.export(first, x, architecture=(name, "test"))  # traced with the first model's weights
+    reused = deploy.export(later, x, architecture=(name, "test"))
+    assert len(deploy._TRACED) == 1 and reused != full  # the node names differ
+    assert _canonical(reused) == _canonical(full)
+    assert torch.equal(deploy.run(deploy.session(reused, 1), x), deploy.run(deploy.session(full, 1), x))
+    with torch.no_grad():
+        assert not torch.allclose(first(x), later(x))
+    deploy.check_outputs(later, deploy.session(reused, 1), x)
+    if int8:
+        calibration = torch.randn(40, *shape[1])
+        int8_reused, int8_full = (deploy.session(deploy.quantize(m, calibration), 1) for m in (reused, full))
+        assert torch.equal(deploy.run(int8_reused, x), deploy.run(int8_full, x))
+
+
+def test_the_traced_graphs_kept_are_bounded():
+    deploy._TRACED.clear()
+    x = torch.randn(2, 1, 40)
+    for width in (4, 8, 12, 16, 24):
+        deploy.export(create_model(f"cnn1d_w{width}"), x, architecture=width)
+    assert list(deploy._TRACED) == [(w, (1, 40), torch.float32) for w in (8, 12, 16, 24)][-deploy.TRACED_KEPT:]
+
+
 class _Branchy(nn.Module):
     """Control flow on a tensor's value: torch.export cannot trace it."""
 
