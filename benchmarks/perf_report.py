@@ -68,6 +68,8 @@ def _loop_lines(by_name: dict) -> list[str]:
             lines += _latency_lines(info)
         if "grouped_step" in info:
             lines += _grouped_lines(info["grouped_step"])
+        if "export_seconds" in info:
+            lines += _export_lines(info["export_seconds"])
     return ["", "| comparison | measured | target | met |", "|---|---|---|---|", *lines] if lines else []
 
 
@@ -132,6 +134,14 @@ def _grouped_lines(info: dict) -> list[str]:
                      f"{1e3 * statistics.median(seconds['per_run']):.0f} ms per-run) | {_ratio_text(*ratio, 2)} | ≥ 3× "
                      f"| {_met(*ratio, 3.0)} |")
     return lines
+
+
+def _export_lines(info: dict) -> list[str]:
+    """The ONNX export of a run's student (test_run_overhead.py): traced once per architecture vs a full export."""
+    ratio = _per_round(info["full"], info["traced_once"])
+    return [f"| ONNX export of a run's student ({info['model']}): graph traced once per architecture vs a full export, "
+            f"median of {len(info['full'])} per-round ratios ({1e3 * statistics.median(info['traced_once']):.0f} ms vs "
+            f"{1e3 * statistics.median(info['full']):.0f} ms), same outputs | {_ratio_text(*ratio, 1)} | — | — |"]
 
 
 def _commit(info: dict) -> str:
