@@ -3,9 +3,10 @@
 A record's ``predictions`` holds, for its test and validation splits, each sample's predicted class and true
 class, and its index in the track's data where that is not its position in the split (cross-validation folds),
 each as the smallest unsigned integer type that holds it, lzma-compressed, base64 text with the type in front
-(``u1:…``): about 10 kB for 10,000 test samples of 10 classes. Two records' predictions are compared by what they
-decode to (``same_predictions``): the text also depends on the compressor's settings (older records used lzma preset 9, whose 64 MiB
-dictionary cost 30-45 ms a call and compressed these arrays no smaller than the default preset).
+(``u1:…``): about 10 kB for 10,000 test samples of 10 classes. Two records' predictions are compared by what
+they decode to (``same_predictions``): the text also depends on the compressor's settings (older records used
+lzma preset 9, whose 64 MiB dictionary cost 30-45 ms a call and compressed these arrays no smaller than the
+default preset).
 """
 
 from __future__ import annotations
@@ -42,27 +43,20 @@ def decode(text: str) -> np.ndarray:
 def same_predictions(a: dict | None, b: dict | None) -> bool:
     """Whether two records' ``predictions`` hold the same splits, fields and values (text that does not decode
     is compared as text)."""
-    if a == b:
-        return True
-    if not (isinstance(a, dict) and isinstance(b, dict)) or a.keys() != b.keys():
-        return False
-    try:
-        return all(a[s].keys() == b[s].keys() and all(np.array_equal(decode(a[s][f]), decode(b[s][f])) for f in a[s])
-                   for s in a)
-    except (AttributeError, TypeError, ValueError, lzma.LZMAError):  # binascii.Error is a ValueError
-        return False
+    return a == b or predictions_digest(a) == predictions_digest(b)
 
 
-def predictions_digest(predictions: dict) -> str:
+def predictions_digest(predictions: dict | None) -> str:
     """sha256 of what a record's ``predictions`` decode to (equal for equal values, whatever the compressor's
     settings); of their JSON text where they do not decode."""
     h = hashlib.sha256()
     try:
         for split, entry in sorted(predictions.items()):
             for field, text in sorted(entry.items()):
-                h.update(f"{split}.{field}:".encode())
-                h.update(decode(text).tobytes())
-    except (AttributeError, TypeError, ValueError, lzma.LZMAError):
+                values = decode(text).tobytes()
+                h.update(f"{split}.{field}:{len(values)}:".encode())
+                h.update(values)
+    except (AttributeError, TypeError, ValueError, lzma.LZMAError):  # binascii.Error is a ValueError
         return hashlib.sha256(json.dumps(predictions, sort_keys=True).encode()).hexdigest()
     return h.hexdigest()
 
