@@ -35,14 +35,18 @@ Deviations:
   ψ^s = ψ^t, hence ℓ = 0, so only the normaliser differs: a constant factor (b(b−1)/b² for the pairs, b(b−1)(b−2)/b³
   for the triplets, for distinct embeddings), absorbed in the weights 25 and 50, which were set with the code.
 - RepDistiller's β (1) is folded into distance_weight and angle_weight.
-- Numerics only: the pairwise distances are the norms of the differences s_i − s_j, which the angle term needs
-  anyway, instead of the reference's ‖s_i‖² + ‖s_j‖² − 2 s_iᵀ s_j (equal in exact arithmetic; the expansion cancels
-  catastrophically in float32 for nearby points). The norms are computed once and serve both terms: the angle
-  term divides by them (clamped at 1e-12, as ``F.normalize``), the distance term clamps them at 1e-6 (the same as
-  the reference's clamp of the squared distance at 1e-12 before the root; version 2, which made the loss as fast
-  as the reference's formula; version 1 computed the norms twice, with equal values up to rounding). μ is the mean over
-  the off-diagonal entries, which equals the reference's mean over the positive entries since the clamp makes
-  every off-diagonal distance positive.
+- Numerics only: distances and angles come from the Gram matrix G = E Eᵀ of the batch's embeddings, in float64:
+  ‖e_j − e_i‖² = G_ii + G_jj − 2 G_ij (the reference's own expansion for the distances, where it runs in float32)
+  and ⟨e_j − e_i, e_k − e_i⟩ = G_jk − G_ij − G_ik + G_ii (the reference normalises the b² difference vectors and
+  multiplies them, O(b³·D)). Equal in exact arithmetic; float64 keeps the expansion's cancellation below float32
+  rounding, so the values and gradients agree with the reference's to float32 rounding. The b³ cosines are then
+  formed in the embeddings' own precision, with their backward written out (``_Angles``): O(b²·D + b³) work
+  instead of O(b³·D) (version 3; version 2 normalised the difference vectors, version 1 also computed their norms
+  twice: equal values up to rounding). A pair whose squared distance is below 1e-12 of ‖e_i‖² + ‖e_j‖² (float64
+  cannot tell it from rounding) counts as coincident: distance 0 (then clamped as below), cosines 0, as the
+  reference gives for equal embeddings. Distances are clamped at 1e-6 (the reference clamps the squared distance
+  at 1e-12 before the root; squared ones at 1e-12). μ is the mean over the off-diagonal entries, which equals the
+  reference's mean over the positive entries since the clamp makes every off-diagonal distance positive.
 - The batch of one sample (no pairs; the reference returns NaN) gives L_D = 0.
 - Token models: the ``embedding`` tap of a BERT classifier is its pooled [CLS] vector, so the loss is the same; no
   padding is involved.
@@ -58,7 +62,7 @@ from pydantic import Field
 from kdbench.method import Method, MethodConfig, register_method
 from kdbench.taps import EMBEDDING
 
-EPS = 1e-12  # reference ``pdist(..., eps=1e-12)`` and ``F.normalize``'s default
+EPS = 1e-12  # reference ``pdist(..., eps=1e-12)``: the clamp of the squared distances
 
 
 class RKDConfig(MethodConfig):
@@ -71,15 +75,52 @@ class RKDConfig(MethodConfig):
         default=False, description="squared Euclidean distances in the distance term (RepDistiller: squared=False)")
 
 
-def _differences(features: torch.Tensor) -> torch.Tensor:
-    """(b, D) → (b, b, D): entry [i, j] is e_j − e_i."""
+COINCIDENT = 1e-12  # squared distance over ‖e_i‖² + ‖e_j‖² below which two embeddings count as equal
+
+
+class _Angles(torch.autograd.Function):
+    """ψ_A[i, j, k] = a_ij · a_ik · (g_jk − q_ij − q_ik) from b × b float64 inputs: the Gram matrix g,
+    q_ij = g_ij − g_ii / 2 and the inverse distances a (0 for coincident pairs). The cancelling sum is formed in
+    float64, the b³ products (and their gradients) in ``dtype``; the backward reads each b³ tensor twice instead of
+    the dozen passes autograd makes through the broadcasts."""
+
+    @staticmethod
+    def forward(ctx, g, q, inv, dtype):
+        dot = g.unsqueeze(0) - q.unsqueeze(2)
+        dot -= q.unsqueeze(1)
+        inv_d = inv.to(dtype)
+        angles = dot.to(dtype).mul_(inv_d.unsqueeze(2)).mul_(inv_d.unsqueeze(1))
+        ctx.save_for_backward(inv, angles)
+        return angles
+
+    @staticmethod
+    def backward(ctx, grad):
+        inv, angles = ctx.saved_tensors
+        inv_d = inv.to(grad.dtype)
+        by_dot = (grad * inv_d.unsqueeze(2)).mul_(inv_d.unsqueeze(1))  # ∂L/∂(g_jk − q_ij − q_ik)
+        by_angle = grad * angles  # a_ij · ∂L/∂a_ij, summed over k, from either side of the (j, k) pair
+
+        def both_sides(t):
+            return (t.sum(2) + t.sum(1)).to(inv.dtype)
+
+        grad_inv = both_sides(by_angle) / torch.where(inv > 0, inv, 1.0)
+        return by_dot.sum(0).to(inv.dtype), -both_sides(by_dot), grad_inv, None
+
+
+def _geometry(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ψ's distances ‖e_j − e_i‖ (b, b), float64, 0 on the diagonal and for coincident pairs; ψ_A (b, b, b) in the
+    features' dtype, entry [i, j, k] the cosine between e_j − e_i and e_k − e_i, 0 where one of them is 0)."""
     flat = features.flatten(1)
-    return flat.unsqueeze(0) - flat.unsqueeze(1)
-
-
-def _norms(diff: torch.Tensor) -> torch.Tensor:
-    """(b, b, D) → (b, b): ‖e_j − e_i‖₂, computed once for both terms."""
-    return torch.linalg.vector_norm(diff, dim=2)
+    x = flat.to(torch.float64)
+    g = x @ x.T
+    sq = g.diagonal()
+    scale = sq.unsqueeze(1) + sq.unsqueeze(0)
+    squared = scale - 2 * g
+    apart = squared > COINCIDENT * scale
+    apart.fill_diagonal_(False)
+    norms = torch.where(apart, torch.where(apart, squared, 1.0).sqrt(), 0.0)
+    inv = torch.where(apart, 1.0 / torch.where(apart, norms, 1.0), 0.0)
+    return norms, _Angles.apply(g, g - sq.unsqueeze(1) / 2, inv, flat.dtype)
 
 
 def _normalized_distances(norms: torch.Tensor, squared: bool) -> torch.Tensor:
@@ -92,26 +133,17 @@ def _normalized_distances(norms: torch.Tensor, squared: bool) -> torch.Tensor:
     return dist / (dist.sum() / (b * (b - 1)))
 
 
-def _angles(diff: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
-    """ψ_A: (b, b, b), entry [i, j, k] the cosine between e_j − e_i and e_k − e_i (0 where one of them is 0)."""
-    unit = diff / norms.clamp_min(EPS).unsqueeze(2)  # F.normalize(diff, dim=2, eps=1e-12), the norms reused
-    return unit @ unit.transpose(1, 2)
-
-
 def rkd_losses(f_s: torch.Tensor, f_t: torch.Tensor, squared: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(L_D, L_A), unweighted: smooth-L1 means over all pairs and all triplets (reference ``RKDLoss.forward``)."""
-    diff_s = _differences(f_s)
-    norms_s = _norms(diff_s)
+    norms_s, angle_s = _geometry(f_s)
     with torch.no_grad():
-        diff_t = _differences(f_t.detach())
-        norms_t = _norms(diff_t)
-        angle_t = _angles(diff_t, norms_t)
-    angle = F.smooth_l1_loss(_angles(diff_s, norms_s), angle_t)
+        norms_t, angle_t = _geometry(f_t.detach())
+    angle = F.smooth_l1_loss(angle_s, angle_t.to(angle_s.dtype))
     if f_s.shape[0] < 2:  # no pairs: no mean distance to normalise by
         return f_s.new_zeros(()), angle
     with torch.no_grad():
         dist_t = _normalized_distances(norms_t, squared)
-    distance = F.smooth_l1_loss(_normalized_distances(norms_s, squared), dist_t)
+    distance = F.smooth_l1_loss(_normalized_distances(norms_s, squared).to(f_s.dtype), dist_t.to(f_s.dtype))
     return distance, angle
 
 
@@ -119,7 +151,7 @@ def rkd_losses(f_s: torch.Tensor, f_t: torch.Tensor, squared: bool = False) -> t
 class RKD(Method):
     """Park et al. 2019: CE + Huber losses between student and teacher pairwise distances and triplet angles."""
 
-    version = 2
+    version = 3
     Config = RKDConfig
     search_space = {  # kdbench tune: log-uniform, each holding the default
         "distance_weight": FloatDistribution(0.25, 100.0, log=True),

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from functools import partial
 
 import pytest
@@ -17,6 +18,7 @@ from conftest import CRD_PAIRS, embedding_method, zoo_step
 from conftest import embedding_step as step
 
 build = partial(embedding_method, "rkd")  # build(s_dim, t_dim, **overrides)
+_Angles = sys.modules[METHODS.get("rkd").__module__]._Angles
 
 
 def huber(x: float) -> float:
@@ -141,6 +143,37 @@ def test_value_and_gradient_match_the_reference_in_float64(s_dim, t_dim, squared
     torch.testing.assert_close(grad_ours, grad_ref, rtol=1e-5, atol=1e-12)
 
 
+def test_angles_backward_is_the_gradient_of_its_forward():
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    gram = (x @ x.T).requires_grad_()
+    q = torch.randn(5, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    inv = torch.rand(5, 5, generator=g, dtype=torch.float64).add(0.5).requires_grad_()
+    assert torch.autograd.gradcheck(lambda *a: _Angles.apply(*a, torch.float64), (gram, q, inv))
+
+
+@pytest.mark.parametrize("clustered", [False, True])
+def test_float32_batch_of_100_matches_the_float64_reference(clustered):
+    # the CPU tier's shapes (b = 100, D_s = 80, D_t = 320); clustered: tight groups, where the Gram expansion
+    # cancels most
+    g = torch.Generator().manual_seed(8)
+    if clustered:
+        centres = 3 * torch.randn(5, 80, generator=g)
+        f_s = centres[torch.arange(100) % 5] + 0.01 * torch.randn(100, 80, generator=g)
+    else:
+        f_s = torch.randn(100, 80, generator=g).relu()
+    f_t = torch.randn(100, 320, generator=g).relu()
+    f_s.requires_grad_()
+    terms = step(build(80, 320, distance_weight=2.5, angle_weight=5.0), f_s, f_t)
+    ours = terms["distance"] + terms["angle"]
+    f_s64 = f_s.detach().double().requires_grad_()
+    ref = reference_rkd(f_s64, f_t.double(), w_d=2.5, w_a=5.0)
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
+    (grad_ours,) = torch.autograd.grad(ours, f_s)
+    (grad_ref,) = torch.autograd.grad(ref, f_s64)
+    torch.testing.assert_close(grad_ours.double(), grad_ref, rtol=0, atol=2e-6 * grad_ref.abs().max().item())
+
+
 def test_weights_scale_their_own_terms():
     g = torch.Generator().manual_seed(6)
     f_s, f_t = torch.randn(4, 5, generator=g), torch.randn(4, 5, generator=g)
@@ -181,6 +214,24 @@ def test_degenerate_batches_stay_finite():
     terms = step(build(2, 3), f_s, torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 1.0, 1.0]]))
     (grad,) = torch.autograd.grad(terms["distance"] + terms["angle"], f_s)
     assert torch.isfinite(terms["distance"]) and torch.isfinite(terms["angle"]) and torch.all(torch.isfinite(grad))
+
+
+def test_embeddings_apart_by_rounding_count_as_coincident():
+    # Rows 0 and 1 differ by one float32 ulp in 8 of 80 coordinates: closer than float64's Gram expansion resolves
+    # (squared distance below 1e-12 of ‖e_0‖² + ‖e_1‖²). Their distance and cosines are 0, as for equal rows,
+    # instead of rounding noise over a 1e-7 distance (cosines off by up to 0.5, gradients in the thousands).
+    g = torch.Generator().manual_seed(0)
+    f_s = torch.randn(6, 80, generator=g).relu() + 0.5
+    f_s[1] = f_s[0]
+    f_s[1, :8] = torch.nextafter(f_s[0, :8], torch.tensor(10.0))
+    f_s.requires_grad_()
+    norms, angles = sys.modules[METHODS.get("rkd").__module__]._geometry(f_s)
+    assert norms[0, 1] == 0 and norms[0, 2] > 0
+    assert angles[0, 1].abs().max() == 0 and angles[0, :, 1].abs().max() == 0
+    assert angles[0, 2, 2].item() == pytest.approx(1.0, abs=1e-6)
+    terms = step(build(80, 20), f_s, torch.randn(6, 20, generator=g))
+    (grad,) = torch.autograd.grad(terms["distance"] + terms["angle"], f_s)
+    assert grad.abs().max() < 1.0
 
 
 def test_defaults_are_repdistiller():
