@@ -46,8 +46,10 @@ def setup():
                      seeds=(0,))
     deterministic("cpu")  # as every run
     data = track_data(spec, Placement())
-    data = dataclasses.replace(data, train=dataclasses.replace(data.train, augment=None))
+    # the suite's teacher, trained (if not cached yet) on the suite's data: with augmentation, which the cache key
+    # assumes; only then is the augmentation dropped for the comparisons
     teacher, key = load_or_train_teacher(spec.track, data, spec.teacher, spec.teacher_train, spec.teacher_seed)
+    data = dataclasses.replace(data, train=dataclasses.replace(data.train, augment=None))
     cfg = spec.train.model_copy(update={"epochs": 1})
     torch.set_num_threads(cfg.threads or spec.measure.threads)  # the hand-written loop trains as kdbench's does
     return spec, data, teacher, key, cfg
