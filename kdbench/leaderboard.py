@@ -229,7 +229,7 @@ def _pair_table(group: pd.DataFrame, timing: dict | None, published: dict[str, t
     teacher = {"acc": teacher_top1, "params": cost["teacher_params"], "latency": cost.get("teacher_latency")}
     return PairTable(markdown, [_cost_line(cost, teacher_name, group["student"].iloc[0]),
                                 _resolution(list(stats.values()), group), *_source_notes(finished, order),
-                                *_speed_mode_notes(finished, order)],
+                                *_speed_mode_notes(finished, order), *_machine_notes(finished, order)],
                      traces, problems, points, teacher, cost)
 
 
@@ -266,6 +266,28 @@ def _speed_mode_notes(finished: pd.DataFrame, order: list[str]) -> list[str]:
             named.setdefault(modes, []).append(name)
     return [f"- trained with the opt-in speed modes {modes} (README, Performance; not the fp32 eager protocol): "
             f"{', '.join(names)}." for modes, names in named.items()]
+
+
+def _machine_notes(finished: pd.DataFrame, order: list[str]) -> list[str]:
+    """A line per row with records made on another CPU than most of the table's, naming the seeds whose teacher
+    (trained there from the same config and seed) tests differently: float kernels differ between CPUs, so such a
+    row learns from a teacher that is the same in distribution, not bit for bit."""
+    cpus = finished["env"].map(lambda env: (env or {}).get("cpu"))
+    usual = cpus.mode().iloc[0]
+    usual_teacher = finished[cpus == usual].groupby("seed")["m_teacher_top1"].first()
+    lines = []
+    for method in order:
+        rows = finished[(finished["method"] == method) & (cpus != usual)]
+        if rows.empty:
+            continue
+        differ = [(seed, top1) for seed, top1 in zip(rows["seed"], rows["m_teacher_top1"])
+                  if seed in usual_teacher and top1 != usual_teacher[seed]]
+        teachers = "; ".join(f"seed {seed}: {top1:.2f} against {usual_teacher[seed]:.2f}" for seed, top1 in differ)
+        lines.append(f"- `{method}`: {len(rows)} of its {(finished['method'] == method).sum()} records were made on "
+                     f"{', '.join(sorted(map(str, set(cpus[rows.index]))))}, the table's other rows on {usual}; "
+                     + (f"its teacher there tests differently on {len(differ)} of its seeds ({teachers})." if differ
+                        else "its teacher tests the same on every seed."))
+    return lines
 
 
 def _source_notes(finished: pd.DataFrame, order: list[str]) -> list[str]:
