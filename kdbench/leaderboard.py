@@ -89,6 +89,9 @@ a tree with uncommitted changes, or when a row has fewer finished seeds than its
   (`benchmarks/reference/published.yaml`, source under the table). Ours may differ by protocol details stated in
   the suite file (e.g. 5,000 CIFAR training images held out for validation).
 - Every row traces to its records (config hash, commit) and re-runs with the command under its table.
+- A row whose records were made on another CPU than the rest of its table says so under the table, with the
+  seeds whose teacher (trained there from the same config and seed) tests differently: float kernels differ
+  between CPUs, so that row learns from a teacher equal in distribution, not bit for bit.
 - The plots under each track show test top-1 (with its 95 % interval) of every method at each student size,
   against batch-1 latency and against parameters; the star is the teacher.
 """
