@@ -276,7 +276,7 @@ def _machine_notes(finished: pd.DataFrame, order: list[str]) -> list[str]:
     (trained there from the same config and seed) tests differently: float kernels differ between CPUs, so such a
     row learns from a teacher that is the same in distribution, not bit for bit."""
     cpus = finished["env"].map(lambda env: (env or {}).get("cpu"))
-    usual = cpus.mode().iloc[0]
+    usual = cpus.mode(dropna=False).iloc[0]  # records without a CPU name count as one machine
     usual_teacher = finished[cpus == usual].groupby("seed")["m_teacher_top1"].first()
     lines = []
     for method in order:
