@@ -56,7 +56,7 @@ from kdbench.tuned import (
 
 HEARTBEAT_SECONDS, GRACE_SECONDS = 10, 30  # a trial without a heartbeat for GRACE_SECONDS is failed and retried
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
-STARTED = "objective_started"  # user attribute: the number of the trial whose objective began
+HEARTBEAT = "heartbeat_recorded"  # user attribute: the number of the trial whose first heartbeat was written
 
 
 def default_storage() -> str:
@@ -67,13 +67,30 @@ def study_name(spec: RunSpec) -> str:
     return f"{spec.suite}:{spec.track}:{spec.pair}:{spec.method}"
 
 
+class _MarkingStorage(optuna.storages.RDBStorage):
+    """Optuna's RDB storage that marks a trial (user attribute HEARTBEAT: its number) once its first heartbeat is
+    written. Optuna's stale-trial check never fails a running trial without a heartbeat, and its heartbeat thread
+    runs beside the objective, so a process killed early in a trial can leave one; the mark, written after the
+    heartbeat, tells ``fail_dead_trials`` which trials have none."""
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        super().record_heartbeat(trial_id)
+        marked = self.__dict__.setdefault("_marked", set())
+        if trial_id not in marked:
+            try:
+                self.set_trial_user_attr(trial_id, HEARTBEAT, self.get_trial_number_from_id(trial_id))
+            except optuna.exceptions.UpdateFinishedTrialError:
+                pass  # the trial ended before its heartbeat thread first ran
+            marked.add(trial_id)
+
+
 def _rdb_storage(storage: str, attempts: int = 5) -> optuna.storages.RDBStorage:
     """Optuna's RDB storage at ``storage``. Processes opening a new database at the same moment all create its
     schema, and all but one fail ("table … already exists", "UNIQUE constraint failed: alembic_version"): the
     schema is there when they try again."""
     for attempt in range(1, attempts + 1):
         try:
-            return optuna.storages.RDBStorage(
+            return _MarkingStorage(
                 storage, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2))
         except sqlalchemy.exc.DatabaseError as exc:
@@ -129,12 +146,12 @@ def wait_for_counted(study: optuna.Study, budget: int, log: Callable[[str], None
 def fail_dead_trials(study: optuna.Study) -> None:
     """Fail the running trials whose process died: those whose heartbeat is GRACE_SECONDS old (Optuna's check,
     which enqueues them again), and those whose process died between creating the trial and its first heartbeat,
-    which Optuna's check never fails: running for GRACE_SECONDS without having started the objective."""
+    which Optuna's check never fails: running for GRACE_SECONDS without the mark of a heartbeat (_MarkingStorage)."""
     optuna.storages.fail_stale_trials(study)
     now = datetime.datetime.now()
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        started = trial.user_attrs.get(STARTED) == trial.number  # a retried trial inherits its first try's mark
-        if not started and (now - trial.datetime_start).total_seconds() > GRACE_SECONDS:
+        beating = trial.user_attrs.get(HEARTBEAT) == trial.number  # a retried trial inherits its first try's mark
+        if not beating and (now - trial.datetime_start).total_seconds() > GRACE_SECONDS:
             study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
 
 
@@ -169,7 +186,6 @@ class Objective:
         self.space = METHODS.get(base.method).search_space
 
     def __call__(self, trial: optuna.Trial) -> float:
-        trial.set_user_attr(STARTED, trial.number)
         params = {f"train.{k}": suggest(trial, f"train.{k}", r.distribution()) for k, r in self.tune.train_space.items()}
         params |= {f"method.{k}": suggest(trial, f"method.{k}", space) for k, space in self.space.items()}
         spec = trial_spec(self.base, _values(params))

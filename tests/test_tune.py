@@ -330,6 +330,29 @@ def test_a_trial_orphaned_before_its_first_heartbeat_is_failed_and_replaced(tmp_
     assert json.loads((tmp_path / "tuning.json").read_text())["entries"][0]["trials"] == 2
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
+def test_only_a_heartbeat_marks_a_trial_alive_and_a_dead_one_is_failed(tmp_path, monkeypatch):
+    # the mark is written after the first heartbeat, never before: a process killed once its objective had begun but
+    # before its heartbeat thread first wrote left a marked trial that no check failed (CI waited on it for ever)
+    import kdbench.tuning as tuning
+
+    monkeypatch.setattr(tuning, "GRACE_SECONDS", 2)
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = tuning.open_study(STUDY, storage, budget=3)
+    rdb = tuning._rdb_storage(storage)
+    study_id = rdb.get_study_id_from_name(STUDY)
+    orphan, stale, alive = (study.ask({"x": FloatDistribution(0, 1)}) for _ in range(3))
+    assert all(tuning.HEARTBEAT not in t.study.trials[t.number].user_attrs for t in (orphan, stale, alive))
+    rdb.record_heartbeat(rdb.get_trial_id_from_study_id_trial_number(study_id, stale.number))
+    time.sleep(3.5)  # the orphan and the stale heartbeat are now older than GRACE_SECONDS (the clock is in seconds)
+    rdb.record_heartbeat(rdb.get_trial_id_from_study_id_trial_number(study_id, alive.number))
+    tuning.fail_dead_trials(study)
+    trials = optuna.load_study(study_name=STUDY, storage=storage).get_trials()
+    assert [t.user_attrs.get(tuning.HEARTBEAT) for t in trials[:3]] == [None, stale.number, alive.number]
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL, TrialState.RUNNING, TrialState.WAITING]
+    assert trials[3].params == trials[1].params  # Optuna enqueued the stale one again (it had a heartbeat)
+
+
 def _open_when_all_are_ready(storage, ready, errors):
     from kdbench.tuning import open_study
 
