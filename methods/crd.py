@@ -70,9 +70,13 @@ Deviations:
 - K is bounded by N − 1 (the reference assumes K < N). The scores are computed against the whole bank
   (e_s M_tᵀ, then the K + 1 rows picked) rather than by gathering the K + 1 rows first (``index_select``, ``bmm``):
   the same values up to rounding, in B·N numbers instead of B·(K+1)·d (less memory whenever N < (K+1)·d, as on
-  CIFAR-100: 50,000 < 16,385 · 128).
+  CIFAR-100: 50,000 < 16,385 · 128). Their backward sums the picked rows weighted by their gradients
+  (``embedding_bag``) instead of multiplying a dense (B, N) gradient by the bank: the same gradient up to rounding
+  (version 2; version 1 let autograd do the dense product).
 - L2 normalisation divides by max(‖e‖, 1e-12) (``F.normalize``) instead of ‖e‖: the same except for a zero vector.
-- The loss is computed in log space (see above): the reference's formula, without exp overflow.
+- The loss is computed in log space (see above): the reference's formula, without exp overflow; log(P + K/N + ε)
+  as max(log P, c) + log(1 + e^−|log P − c|), c = log(K/N + ε) (version 2; version 1 called ``torch.logaddexp``,
+  the same value up to rounding).
 - Several processes (DDP): the banks are buffers, which DDP broadcasts from the first process at every forward
   pass, so only that process's rows update the banks (the reference trains on one GPU).
 - Transformers (hidden states with a ``mask``): the ``embedding`` tap is the classifier input, BERT's pooled
@@ -126,11 +130,37 @@ def _embed(head: nn.Linear, features: torch.Tensor) -> torch.Tensor:
     return F.normalize(head(features.flatten(1)), dim=1)
 
 
+def _log_add_exp(x: torch.Tensor, c: float) -> torch.Tensor:
+    """log(eˣ + eᶜ) elementwise, as max(x, c) + log(1 + e^−|x − c|): ``torch.logaddexp``'s value to float rounding
+    (the small term's absolute error is below 1e-7), without overflow, in vectorised ops (on CPU ``logaddexp``,
+    ``softplus`` and ``log1p`` run element by element, 4× slower on a (100, 1025) batch)."""
+    d = x - c
+    return torch.relu(d) + c + torch.log(torch.exp(-d.abs()) + 1)
+
+
+class _BankScores(torch.autograd.Function):
+    """⟨bank[rows[b, k]], anchor[b]⟩, (B, K+1): the scores against the whole bank, then the rows picked; the
+    backward sums the picked rows weighted by their gradients (``embedding_bag``), O(B·(K+1)·d), instead of a
+    dense (B, N) gradient times the bank, O(B·N·d). The bank gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, anchor, bank, rows):
+        ctx.save_for_backward(bank, rows)
+        ctx.anchor_dtype = anchor.dtype
+        return (anchor @ bank.T).gather(1, rows)
+
+    @staticmethod
+    def backward(ctx, grad):
+        bank, rows = ctx.saved_tensors
+        weighted = F.embedding_bag(rows, bank, per_sample_weights=grad.to(bank.dtype), mode="sum")
+        return weighted.to(ctx.anchor_dtype), None, None
+
+
 @register_method("crd")
 class CRD(Method):
     """Tian et al. 2020: CE + NCE contrast of student and teacher embeddings against memory banks of both."""
 
-    version = 1
+    version = 2
     Config = CRDConfig
     search_space = {  # kdbench tune: log-uniform, each holding the default
         "crd_weight": FloatDistribution(0.05, 5.0, log=True),
@@ -182,7 +212,7 @@ class CRD(Method):
 
     def _log_p(self, anchor: torch.Tensor, bank: torch.Tensor, rows: torch.Tensor, which: int) -> torch.Tensor:
         """log P = ⟨bank[rows], anchor⟩/τ − log Z, (B, K+1); Z set from this batch if not set yet."""
-        scores = (anchor @ bank.T).gather(1, rows) / self.config.nce_t
+        scores = _BankScores.apply(anchor, bank, rows) / self.config.nce_t
         if self.z[which].item() < 0:
             with torch.no_grad():
                 log_mean = torch.logsumexp(scores.flatten(), 0) - math.log(scores.numel())
@@ -192,7 +222,7 @@ class CRD(Method):
     def nce_loss(self, log_p: torch.Tensor) -> torch.Tensor:
         """RepDistiller's ``ContrastLoss`` on log P (B, K+1), column 0 the positive; P_n = 1/N."""
         noise = (log_p.shape[1] - 1) / self.n_data  # K · P_n
-        log_denominator = torch.logaddexp(log_p, log_p.new_tensor(math.log(noise + EPS)))
+        log_denominator = _log_add_exp(log_p, math.log(noise + EPS))  # log(P + K/N + ε)
         positive = (log_p[:, 0] - log_denominator[:, 0]).sum()
         negative = (math.log(noise) - log_denominator[:, 1:]).sum()
         return -(positive + negative) / log_p.shape[0]
