@@ -65,6 +65,15 @@ def zoo_step(name, teacher_name, student_name, labels, *, train_size, progress, 
                            t_out=t_out, terms=terms)
 
 
+def method_module(name):
+    """The module of registered method ``name``'s file, for tests of its private helpers."""
+    import sys
+
+    from kdbench.method import METHODS
+
+    return sys.modules[METHODS.get(name).__module__]
+
+
 def embedding_method(name, s_dim, t_dim, **overrides):
     """Method ``name`` built on a 3-class ``logits`` tap and an ``embedding`` tap of s_dim / t_dim features."""
     from kdbench.method import METHODS, validate_config

@@ -3,7 +3,6 @@ RepDistiller's ``CRDLoss`` / ``ContrastMemory`` / ``ContrastLoss`` (same fixed n
 and sampling rules."""
 
 import math
-import sys
 from collections import Counter
 
 import pytest
@@ -15,7 +14,7 @@ from kdbench.method import METHODS, validate_config
 from kdbench.models import create_model
 from kdbench.taps import probe_shapes
 
-from conftest import CRD_PAIRS, zoo_step
+from conftest import CRD_PAIRS, method_module, zoo_step
 
 EPS = 1e-7
 
@@ -276,27 +275,23 @@ def test_matches_reference_value_and_gradient(seed, tau, momentum):
 # --- negatives, K, buffers
 
 
-def crd_module():
-    return sys.modules[METHODS.get("crd").__module__]
-
-
 def test_bank_scores_backward_is_the_gradient_of_its_forward():
     # rows with repeats (a row drawn twice for one sample, one row for several samples): each counts once per draw
     g = torch.Generator().manual_seed(4)
     anchor = torch.randn(3, 5, generator=g, dtype=torch.float64, requires_grad=True)
     bank = torch.randn(7, 5, generator=g, dtype=torch.float64)
     rows = torch.tensor([[0, 3, 3, 6], [1, 0, 5, 2], [2, 6, 0, 0]])
-    scores = crd_module()._BankScores.apply(anchor, bank, rows)
+    scores = method_module("crd")._BankScores.apply(anchor, bank, rows)
     torch.testing.assert_close(scores, torch.einsum("bkd,bd->bk", bank[rows], anchor), rtol=1e-12, atol=0)
-    assert torch.autograd.gradcheck(lambda a: crd_module()._BankScores.apply(a, bank, rows), (anchor,))
+    assert torch.autograd.gradcheck(lambda a: method_module("crd")._BankScores.apply(a, bank, rows), (anchor,))
 
 
 def test_log_add_exp_is_logaddexp_without_overflow():
     x = torch.cat([torch.linspace(-30, 30, 601), torch.tensor([-1e4, -100.0, 100.0, 1e4])]).double()
     for c in (math.log(1024 / 10_000 + EPS), 0.0, 5.0):
-        ours = crd_module()._log_add_exp(x, c)
+        ours = method_module("crd")._log_add_exp(x, c)
         torch.testing.assert_close(ours, torch.logaddexp(x, torch.tensor(c, dtype=torch.float64)), rtol=1e-15, atol=1e-15)
-    assert torch.isfinite(crd_module()._log_add_exp(x.float(), 0.0)).all()
+    assert torch.isfinite(method_module("crd")._log_add_exp(x.float(), 0.0)).all()
 
 
 def test_k_is_bounded_by_the_training_split():

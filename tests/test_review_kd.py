@@ -14,15 +14,9 @@ from kdbench.method import METHODS, validate_config
 from kdbench.models import create_model
 from kdbench.taps import probe_shapes, resolve_tap
 
-from conftest import CRD_PAIRS, zoo_step
+from conftest import CRD_PAIRS, method_module, zoo_step
 
 NAME = "review_kd"
-
-
-def method_module():
-    import sys
-
-    return sys.modules[METHODS.get(NAME).__module__]
 
 
 def build(s_shapes: dict, t_shapes: dict, **overrides):
@@ -43,7 +37,7 @@ def test_hcl_by_hand_on_a_4x4_map():
     #   level 1 (weight ¼): mean 8.5 → 72.25
     #   HCL = (93.5 + ½ · 89.25 + ¼ · 72.25) / (1 + ½ + ¼) = 156.1875 / 1.75 = 89.25
     d = torch.arange(1.0, 17.0).view(1, 1, 4, 4)
-    hcl = method_module().hcl
+    hcl = method_module(NAME).hcl
     assert hcl(d, torch.zeros_like(d), (4, 2, 1)).item() == pytest.approx(89.25, rel=1e-6)
     # a teacher offset changes nothing but the difference: student d + 3, teacher 3
     assert hcl(d + 3, torch.full_like(d, 3.0), (4, 2, 1)).item() == pytest.approx(89.25, rel=1e-6)
@@ -59,7 +53,7 @@ def test_hcl_by_hand_on_a_length_8_signal_and_a_1x1_map():
     #   to 1: 4.5² = 20.25
     d = torch.arange(1.0, 9.0).view(1, 1, 8)
     expected = (25.5 + 25.25 / 2 + 24.25 / 4 + 20.25 / 8) / 1.875
-    hcl = method_module().hcl
+    hcl = method_module(NAME).hcl
     assert hcl(d, torch.zeros_like(d), (4, 2, 1)).item() == pytest.approx(expected, rel=1e-6)
     # two samples, two channels, 1×1 (the pooled level): every level is skipped, plain MSE
     g = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).view(2, 2, 1, 1)

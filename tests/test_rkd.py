@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import math
-import sys
 from functools import partial
 
 import pytest
@@ -14,11 +13,11 @@ import torch.nn.functional as F
 from kdbench.errors import KdbenchError
 from kdbench.method import METHODS, validate_config
 
-from conftest import CRD_PAIRS, embedding_method, zoo_step
+from conftest import CRD_PAIRS, embedding_method, method_module, zoo_step
 from conftest import embedding_step as step
 
 build = partial(embedding_method, "rkd")  # build(s_dim, t_dim, **overrides)
-_Angles = sys.modules[METHODS.get("rkd").__module__]._Angles
+_Angles = method_module("rkd")._Angles
 
 
 def huber(x: float) -> float:
@@ -225,7 +224,7 @@ def test_embeddings_apart_by_rounding_count_as_coincident():
     f_s[1] = f_s[0]
     f_s[1, :8] = torch.nextafter(f_s[0, :8], torch.tensor(10.0))
     f_s.requires_grad_()
-    norms, angles = sys.modules[METHODS.get("rkd").__module__]._geometry(f_s)
+    norms, angles = method_module("rkd")._geometry(f_s)
     assert norms[0, 1] == 0 and norms[0, 2] > 0
     assert angles[0, 1].abs().max() == 0 and angles[0, :, 1].abs().max() == 0
     assert angles[0, 2, 2].item() == pytest.approx(1.0, abs=1e-6)
