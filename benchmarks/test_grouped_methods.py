@@ -44,12 +44,7 @@ SEEDS, ROUNDS, WARMUP_STEPS = 15, 10, 2
 FALLBACK = re.compile(r"batching rule for (\S+?)\.? ")  # vmap's warning when it loops over an op's samples
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # benchmarks/conftest.py
 
 
 class Runs:

@@ -41,12 +41,7 @@ NAMES = [name for name in METHODS.names() if "+" not in name]
 HOST_SYNCS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # benchmarks/conftest.py
 
 
 def build(name: str):
