@@ -52,10 +52,13 @@ class Runs:
 
     def __init__(self, name: str):
         cls = METHODS.get(name)
-        self.config = cls.Config(**CONFIG.get(name, {}))
-        s_taps, t_taps = cls.taps(self.config)
+        config = cls.Config(**CONFIG.get(name, {}))
+        s_taps, t_taps = cls.taps(config)
+        (spec,) = expand(load_suite("cpu"), methods=["baseline"], tracks=["mnist1d"], pairs=[f"{TEACHER}:{STUDENT}"],
+                         seeds=(0,))
+        self.train = spec.train  # the cpu suite's training config of the pair: fused AdamW, its learning rate
         torch.manual_seed(0)
-        teacher = stand_in_source(cls, self.config, create_model(TEACHER),
+        teacher = stand_in_source(cls, config, create_model(TEACHER),
                                   lambda arch: create_model(arch or TEACHER)).eval().requires_grad_(False)
         self.xs, self.ys = torch.randn(SEEDS, BATCH, 1, 40), torch.randint(0, 10, (SEEDS, BATCH))
         self.index = torch.stack([torch.randperm(TRAIN_SIZE)[:BATCH] for _ in range(SEEDS)])
@@ -65,7 +68,7 @@ class Runs:
         for seed in range(SEEDS):
             torch.manual_seed(seed)
             student = create_model(STUDENT)
-            method = construct(cls, self.config, probe_shapes(student, s_taps, self.xs[0], TRAIN_SIZE), shapes,
+            method = construct(cls, config, probe_shapes(student, s_taps, self.xs[0], TRAIN_SIZE), shapes,
                                lambda: create_model(STUDENT))
             self.steps.append(_StudentStep(FeatureTaps(student, s_taps), method).train())
         self.teacher = FeatureTaps(teacher, t_taps) if cls.needs_teacher else None
@@ -84,7 +87,7 @@ class Runs:
 class PerRun:
     def __init__(self, runs: Runs):
         self.runs = runs
-        self.optimizers = [make_optimizer(runs.trained(s), _adamw()) for s in runs.steps]
+        self.optimizers = [make_optimizer(runs.trained(s), runs.train) for s in runs.steps]
 
     def loss(self, g: int) -> torch.Tensor:
         r = self.runs
@@ -106,7 +109,7 @@ class Grouped:
         self.params, self.buffers = stack_module_state(steps)
         trained = {id(p) for p in runs.trained(steps[0])}
         names = [n for n, p in steps[0].named_parameters() if id(p) in trained]
-        self.optimizer = make_optimizer([self.params[n] for n in names], _adamw())
+        self.optimizer = make_optimizer([self.params[n] for n in names], runs.train)
         base = copy.deepcopy(steps[0]).to("meta")
 
         def one(params, buffers, x, t_out, y, index):
@@ -132,13 +135,6 @@ class Grouped:
 
     def grads(self, g: int) -> dict:
         return {n: p.grad[g] for n, p in self.params.items() if p.grad is not None}
-
-
-def _adamw():
-    """The cpu suite's training config of the pair (fused AdamW, its learning rate)."""
-    (spec,) = expand(load_suite("cpu"), methods=["baseline"], tracks=["mnist1d"], pairs=[f"{TEACHER}:{STUDENT}"],
-                     seeds=(0,))
-    return spec.train
 
 
 def _first_sentence(exc: BaseException) -> str:
