@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -162,11 +163,16 @@ def _run(args) -> int:
         workers = auto_workers(todo, place) if args.workers == "auto" else _positive(args.workers, "--workers")
         log(f"{len(todo)} run(s) to train, {min(workers, len(todo))} at a time")
         runs = execute(todo, results_dir, place, workers, log if args.verbose else None)
-    started = time.perf_counter()
-    for done, (spec, record) in enumerate(runs, 1):
-        top1 = record["metrics"]["test_top1"] if record["metrics"] else None
-        log(_progress_line(done, len(todo), spec, record, time.perf_counter() - started))
-        outcome[spec.label()] = (record["status"], f"{top1:.2f}" if top1 is not None else record["error"])
+    started, done = time.perf_counter(), 0
+    try:
+        for done, (spec, record) in enumerate(runs, 1):
+            top1 = record["metrics"]["test_top1"] if record["metrics"] else None
+            log(_progress_line(done, len(todo), spec, record, time.perf_counter() - started))
+            outcome[spec.label()] = (record["status"], f"{top1:.2f}" if top1 is not None else record["error"])
+    except KeyboardInterrupt:
+        log(f"stopped after {done} of {len(todo)} runs: their records are kept; the same command trains the rest "
+            "(a run stopped midway resumes from its last epoch)")
+        raise
     time_architectures(specs, results_dir, lambda spec: track_data(spec, place), place.device, args.force, log,
                        place.data_root)
     summary = [(s.label(), *outcome[s.label()]) for s in specs]
@@ -539,8 +545,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a scheduler's time limit), raised like Ctrl-C so that the same clean-up runs: worker
+    processes end with kdbench, not after their queued runs."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    on_sigterm = signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.func(args)
     except KdbenchError as exc:
@@ -548,9 +564,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"kdbench: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("kdbench: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, Terminated)
+        print(f"kdbench: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGTERM, on_sigterm)
 
 
 if __name__ == "__main__":

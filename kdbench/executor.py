@@ -52,16 +52,28 @@ def execute(specs: list[RunSpec], results_dir: Path, place: Placement, workers: 
         for spec in specs:
             yield spec, run_one(spec, results_dir, place, log)
         return
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        pending = {pool.submit(run_one, spec, results_dir, place): spec for spec in specs}
-        try:
-            while pending:
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for future in done:
-                    yield pending.pop(future), future.result()
-        finally:
-            for future in pending:
-                future.cancel()
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    pending = {pool.submit(run_one, spec, results_dir, place): spec for spec in specs}
+    try:
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                yield pending.pop(future), future.result()
+    except BaseException:  # interrupted (Ctrl-C, SIGTERM), a worker lost, or the caller stopped reading
+        _stop_workers(pool)
+        raise
+    pool.shutdown()
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """End the pool's worker processes now, rather than letting them finish their runs and the ones queued to
+    them: the records of finished runs stay, a run in flight leaves none (records are written atomically)."""
+    if hasattr(pool, "terminate_workers"):  # Python ≥ 3.14
+        pool.terminate_workers()
+        return
+    for process in list((pool._processes or {}).values()):
+        process.terminate()
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 def execute_on_ray(specs: list[RunSpec], results_dir: Path, place: Placement, address: str | None = None, log=None

@@ -3,6 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
 
 from conftest import TINY_SUITE
 from kdbench.cli import main
@@ -37,3 +45,52 @@ def test_bad_worker_count_is_one_line(tmp_path, capsys):
     assert main(["run", "--suite", str(suite), "--workers", "0", "--results-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "kdbench: error: --workers '0': expected a whole number ≥ 1 or 'auto'"
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in (Path(f"/proc/{pid}/task/{pid}/children").read_text().split())]
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie waiting for a parent to reap it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists(),
+                    reason="reads a process's children from /proc (Linux)")
+def test_sigterm_stops_the_workers_with_kdbench(tmp_path):
+    """`kill` of `kdbench run --workers 2` ends its worker processes too, at once: no run queued to them trains on
+    and writes a record afterwards, and the message says how to go on (Ctrl-C takes the same path)."""
+    suite = tmp_path / "tiny.yaml"
+    suite.write_text(THREADED.replace("seeds: [0, 1]", f"seeds: {list(range(12))}"))
+    results = tmp_path / "results"
+    run = subprocess.Popen([sys.executable, "-m", "kdbench", "run", "--suite", str(suite), "--method", "vanilla_kd",
+                            "--workers", "2", "--results-dir", str(results)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    try:
+        for line in run.stderr:
+            if line.startswith("[1/12]"):
+                break
+        else:
+            pytest.fail(f"kdbench run ended before its first run finished (exit {run.wait()})")
+        workers = _children(run.pid)
+        run.send_signal(signal.SIGTERM)
+        assert run.wait(timeout=120) == 143
+    finally:
+        run.kill()
+    rest = run.stderr.read().splitlines()
+    assert rest[-1] == "kdbench: terminated", rest
+    assert rest[-2].startswith("stopped after ") and rest[-2].endswith(
+        "of 12 runs: their records are kept; the same command trains the rest (a run stopped midway resumes "
+        "from its last epoch)"), rest
+    deadline = time.monotonic() + 60
+    while any(map(_alive, workers)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert workers and not any(map(_alive, workers)), "a worker process outlived kdbench"
+    kept = sorted(results.rglob("seed*.json"))
+    assert 1 <= len(kept) < 12
+    for path in kept:
+        assert json.loads(path.read_text())["status"] == "finished"
