@@ -68,6 +68,8 @@ def _loop_lines(by_name: dict) -> list[str]:
         info = bench.get("extra_info", {})
         if "latency_ms" in info:
             lines += _latency_lines(info)
+        if "eager_beside_ort_ms" in info:
+            lines += _beside_ort_lines(info)
         if "grouped_step" in info:
             lines += _grouped_lines(info["grouped_step"])
         if "export_seconds" in info:
@@ -180,6 +182,24 @@ def _commit(info: dict) -> str:
 
 def _cv(values: list[float]) -> float:
     return statistics.stdev(values) / statistics.mean(values)
+
+
+def _beside_ort_lines(info: dict) -> list[str]:
+    """Each model's eager batch-1 latency timed in the same rounds as ONNX Runtime sessions, against eager timed
+    alone: median of the per-repeat ratios, and the median IQR / median of each way."""
+    timed = info["eager_beside_ort_ms"]
+    alone = timed["alone"]
+    lines = []
+    for i, name in enumerate(info["models"]):
+        spread = {key: statistics.median(r[i][1] / r[i][0] for r in rows) for key, rows in timed.items()}
+        ratios = {key: statistics.median(r[i][0] / a[i][0] for r, a in zip(rows, alone))
+                  for key, rows in timed.items() if key != "alone"}
+        lines.append(f"| eager batch-1 latency of {name} (alone {statistics.median(a[i][0] for a in alone):.4f} ms, "
+                     f"IQR {100 * spread['alone']:.0f} % of it) timed in the same rounds as ONNX Runtime sessions, "
+                     f"against alone, median of {len(alone)} repeats | "
+                     + "; ".join(f"{key}: {ratio:.2f}× (IQR {100 * spread[key]:.0f} %)" for key, ratio in ratios.items())
+                     + " | — | — |")
+    return lines
 
 
 def _latency_lines(info: dict) -> list[str]:

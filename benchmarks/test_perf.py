@@ -5,7 +5,9 @@ Each comparison is measured in one run on one machine and reported as a ratio by
   MNIST-1D pair of the cpu suite, same batch, same models, one epoch with its validation pass);
 - the same loop with cached against uncached teacher outputs (the trained weights must be identical);
 - the spread of the latency measurement: 10 repeated measurements of the pair's teacher and student, timed
-  side by side as every run times them (and, for contrast, one after the other).
+  side by side as every run times them (and, for contrast, one after the other);
+- eager latency timed in the same rounds as ONNX Runtime sessions (as deployed runs time them) against eager
+  timed alone, with the sessions' threads not spinning (kdbench's) and spinning (ONNX Runtime's default).
 Nothing here asserts a time; the assertions check that the compared paths compute the same thing.
 """
 
@@ -19,8 +21,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kdbench import deploy
 from kdbench.taps import FeatureTaps
-from kdbench.metrics import forward_times, predict, top1
+from kdbench.metrics import CHECK_INPUTS, _eager_call, _session_call, forward_times, predict, time_calls, top1
 from kdbench.method import METHODS
 from kdbench.models import create_model
 from kdbench.runner import Placement, deterministic, track_data
@@ -242,6 +245,37 @@ def test_latency_repeatability(benchmark, setup, device):
     benchmark.pedantic(measure_both_ways, rounds=10)
     benchmark.extra_info.update(models=list(models), latency_ms=side_by_side, one_after_other_ms=one_after_other,
                                 device_name=torch.cuda.get_device_name() if device == "cuda" else "cpu")
+
+
+def test_timing_beside_onnx_runtime(benchmark, setup):
+    """Batch-1 eager latency of the pair's teacher and student timed alone, and in the same rounds as their ONNX
+    Runtime fp32 and int8 sessions (as every deployed run times them), once with sessions whose threads do not
+    spin (kdbench's) and once with ONNX Runtime's default spinning; 5 repeats. A spinning session keeps a core
+    busy after its calls, so the eager models timed next are timed on a busy machine."""
+    spec, data, *_ = setup
+    m = spec.measure
+    torch.manual_seed(0)
+    models = [create_model(name, data.num_classes, data.in_shape) for name in (spec.teacher, spec.student)]
+    inputs = data.test.sample(CHECK_INPUTS)
+    exported = [deploy.export_checked(model, inputs, m.threads)[0] for model in models]
+    int8 = [deploy.quantize(e, deploy.calibration_inputs(data.train, m.int8_calibration)) for e in exported]
+    eager = [_eager_call(model, inputs[:1], 1) for model in models]
+    timed = {"alone": [], "beside sessions that do not spin": [], "beside spinning sessions": []}
+
+    def beside(spin: bool) -> list:
+        calls = []
+        for call, fp32, q8 in zip(eager, exported, int8):
+            calls += [call, *(_session_call(deploy.session(b, m.threads, spin=spin), inputs[:1], 1) for b in (fp32, q8))]
+        return calls
+
+    def measure():
+        timed["alone"].append(time_calls(eager, m.threads, m.min_run_time))
+        for key, spin in (("beside sessions that do not spin", False), ("beside spinning sessions", True)):
+            timed[key].append(time_calls(beside(spin), m.threads, m.min_run_time)[::3])  # the eager calls
+
+    benchmark.group = "eager latency beside ONNX Runtime (5 repeats)"
+    benchmark.pedantic(measure, rounds=5)
+    benchmark.extra_info.update(models=[spec.teacher, spec.student], eager_beside_ort_ms=timed)
 
 
 def test_taps_add_no_work(setup):

@@ -95,11 +95,17 @@ def _traced(model: nn.Module, x: torch.Tensor, optimize: bool) -> torch.onnx.ONN
                              dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False, optimize=optimize)
 
 
-def session(model_bytes: bytes, threads: int, device: str | torch.device = "cpu") -> ort.InferenceSession:
-    """An ONNX Runtime session with ``threads`` intra-op threads, on the execution provider for ``device``."""
+def session(model_bytes: bytes, threads: int, device: str | torch.device = "cpu", spin: bool = False
+            ) -> ort.InferenceSession:
+    """An ONNX Runtime session with ``threads`` intra-op threads, on the execution provider for ``device``.
+
+    Its threads do not spin (``spin`` gives ONNX Runtime's default, for the benchmark that compares the two): a
+    spinning thread keeps its core busy after each call, and the models that are timed side by side with it
+    (eager PyTorch, the other sessions) would be timed on a busy machine."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3  # errors only
     provider = provider_for(device)

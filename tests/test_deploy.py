@@ -174,6 +174,15 @@ def test_cost_metrics_time_every_runtime_side_by_side():
     assert "onnxruntime" not in cost_metrics([student], x, 1, 8, 0.01)[0]  # deployment off: eager only
 
 
+def test_sessions_do_not_spin_unless_asked():
+    """A session's threads must not busy-wait after a call: the eager models and other sessions timed in the same
+    rounds would be timed beside them (benchmarks/test_perf.py::test_timing_beside_onnx_runtime measures it)."""
+    exported = deploy.export(create_model("cnn1d_w4"), torch.randn(2, 1, 40))
+    spinning = "session.intra_op.allow_spinning"
+    assert deploy.session(exported, 2).get_session_options().get_session_config_entry(spinning) == "0"
+    assert deploy.session(exported, 2, spin=True).get_session_options().get_session_config_entry(spinning) == "1"
+
+
 def test_calibration_is_a_fixed_draw_from_the_training_split():
     split = Split(torch.arange(100.0).reshape(100, 1), torch.zeros(100, dtype=torch.long), transform=lambda x: 2 * x)
     first, again = deploy.calibration_inputs(split, 10), deploy.calibration_inputs(split, 10)
