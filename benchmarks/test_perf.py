@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from kdbench import deploy
 from kdbench.taps import FeatureTaps
-from kdbench.metrics import CHECK_INPUTS, _eager_call, _session_call, forward_times, predict, time_calls, top1
+from kdbench.metrics import (CHECK_INPUTS, _eager_call, _session_call, calibration_for, forward_times, predict,
+                             time_calls, top1)
 from kdbench.method import METHODS
 from kdbench.models import create_model
 from kdbench.runner import Placement, deterministic, track_data
@@ -258,7 +259,8 @@ def test_timing_beside_onnx_runtime(benchmark, setup):
     models = [create_model(name, data.num_classes, data.in_shape) for name in (spec.teacher, spec.student)]
     inputs = data.test.sample(CHECK_INPUTS)
     exported = [deploy.export_checked(model, inputs, m.threads)[0] for model in models]
-    int8 = [deploy.quantize(e, deploy.calibration_inputs(data.train, m.int8_calibration)) for e in exported]
+    calibration = calibration_for(data, m)
+    int8 = [deploy.quantize(e, calibration) for e in exported]
     eager = [_eager_call(model, inputs[:1], 1) for model in models]
     timed = {"alone": [], "beside sessions that do not spin": [], "beside spinning sessions": []}
 

@@ -69,7 +69,7 @@ def test_sigterm_stops_the_workers_with_kdbench(tmp_path):
     results = tmp_path / "results"
     run = subprocess.Popen([sys.executable, "-m", "kdbench", "run", "--suite", str(suite), "--method", "vanilla_kd",
                             "--workers", "2", "--results-dir", str(results)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         for line in run.stderr:
             if line.startswith("[1/12]"):
