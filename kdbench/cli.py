@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 
 from tabulate import tabulate
@@ -158,17 +159,18 @@ def _run(args) -> int:
             outcome[spec.label()] = ("skipped", "")
     if args.executor == "ray":
         log(f"{len(todo)} run(s) to train as Ray tasks")
-        runs = execute_on_ray(todo, results_dir, place, args.address, log) if todo else iter(())
+        runs = execute_on_ray(todo, results_dir, place, args.address, log)
     else:
         workers = auto_workers(todo, place) if args.workers == "auto" else _positive(args.workers, "--workers")
         log(f"{len(todo)} run(s) to train, {min(workers, len(todo))} at a time")
         runs = execute(todo, results_dir, place, workers, log if args.verbose else None)
     started, done = time.perf_counter(), 0
     try:
-        for done, (spec, record) in enumerate(runs, 1):
-            top1 = record["metrics"]["test_top1"] if record["metrics"] else None
-            log(_progress_line(done, len(todo), spec, record, time.perf_counter() - started))
-            outcome[spec.label()] = (record["status"], f"{top1:.2f}" if top1 is not None else record["error"])
+        with closing(runs):  # stops the workers however the loop ends, wherever a signal lands
+            for done, (spec, record) in enumerate(runs, 1):
+                top1 = record["metrics"]["test_top1"] if record["metrics"] else None
+                log(_progress_line(done, len(todo), spec, record, time.perf_counter() - started))
+                outcome[spec.label()] = (record["status"], f"{top1:.2f}" if top1 is not None else record["error"])
     except KeyboardInterrupt:
         log(f"stopped after {done} of {len(todo)} runs: their records are kept; the same command trains the rest "
             "(a run stopped midway resumes from its last epoch)")
@@ -243,7 +245,7 @@ def cmd_reproduce(args) -> int:
     log = (lambda msg: print(msg, file=sys.stderr, flush=True))
     try:
         runs = reproduce(specs, Path(args.results_dir), scratch, place, workers, log if args.verbose else None)
-        with cold_home(scratch) as home:
+        with cold_home(scratch) as home, closing(runs):
             preflight(specs, place)
             log(f"{len(specs)} run(s) to re-train into {scratch / 'results'}, {min(workers, len(specs))} at a time, "
                 f"teachers from a cold cache in {home}")

@@ -80,6 +80,8 @@ def execute_on_ray(specs: list[RunSpec], results_dir: Path, place: Placement, ad
                    ) -> Iterator[tuple[RunSpec, dict]]:
     """Run every spec as a Ray task (a new local Ray instance without ``address``); yields (spec, record) as
     each finishes, after writing the record. A failed task cancels the rest; records already written stay."""
+    if not specs:
+        return
     ray = _import_ray()
     env = _task_env(address)
     ray.init(address=address, runtime_env={"env_vars": env}, include_dashboard=False,

@@ -47,6 +47,32 @@ def test_bad_worker_count_is_one_line(tmp_path, capsys):
     assert err == "kdbench: error: --workers '0': expected a whole number ≥ 1 or 'auto'"
 
 
+def test_a_signal_between_runs_stops_the_workers_before_kdbench_reports(tmp_path, capsys, monkeypatch):
+    """A signal that lands while kdbench reports a finished run (not while it waits on the workers) still stops
+    them at once: the executor is closed before the "stopped after" line, not when the interpreter exits."""
+    import kdbench.cli as cli
+    import kdbench.executor
+
+    def fake_execute(specs, *args):
+        try:
+            for spec in specs:
+                yield spec, {"status": "finished", "metrics": None, "error": ""}
+        finally:
+            print("workers stopped", file=sys.stderr)
+
+    def interrupted(*args):
+        raise cli.Terminated()
+
+    monkeypatch.setattr(kdbench.executor, "execute", fake_execute)
+    monkeypatch.setattr(cli, "_progress_line", interrupted)
+    suite = tmp_path / "tiny.yaml"
+    suite.write_text(THREADED)
+    assert main(["run", "--suite", str(suite), "--method", "vanilla_kd", "--workers", "2",
+                 "--results-dir", str(tmp_path / "results")]) == 143
+    err = capsys.readouterr().err.splitlines()
+    assert err[-3:] == ["workers stopped", err[-2], "kdbench: terminated"] and err[-2].startswith("stopped after 1 of 2"), err
+
+
 def _children(pid: int) -> list[int]:
     return [int(c) for c in (Path(f"/proc/{pid}/task/{pid}/children").read_text().split())]
 
