@@ -62,13 +62,21 @@ def test_an_installed_wheel_lists_and_runs_from_another_folder(wheel, tmp_path):
     assert {p.stem for p in (ROOT / "methods").glob("[!_]*.py")} <= set(listed.stdout.split())
     assert "cpu" in kdbench("list", "suites").stdout
 
-    run = kdbench("run", "--suite", "cpu", "--track", "digits", "--pair", "cnn2d_w32:cnn2d_w4", "--method",
-                  "baseline", "--seeds", "0", "--results-dir", "r")
+    args = ("run", "--suite", "cpu", "--track", "digits", "--pair", "cnn2d_w32:cnn2d_w4", "--method", "baseline",
+            "--seeds", "0")
+    run = kdbench(*args, "--results-dir", "r")
     assert run.returncode == 0, run.stderr[-2000:]
     record = json.loads((elsewhere / "r/cpu/digits/cnn2d_w32--cnn2d_w4/baseline/seed0.json").read_text())
     assert record["status"] == "finished" and record["git_commit"] is None and record["env"]["kdbench"]
-    committed = json.loads((ROOT / "results/cpu/digits/cnn2d_w32--cnn2d_w4/baseline/seed0.json").read_text())
-    assert record["metrics"]["test_top1"] == committed["metrics"]["test_top1"]
+    # the same run from the source tree, on this machine (the committed record holds only on the machine kind that
+    # made it): the wheel trains what the checkout trains
+    source = subprocess.run([sys.executable, "-m", "kdbench", *args, "--results-dir", str(tmp_path / "source")],
+                            cwd=ROOT, env=os.environ | {"KDBENCH_HOME": str(tmp_path / "source-home")},
+                            capture_output=True, text=True)
+    assert source.returncode == 0, source.stderr[-2000:]
+    checkout = json.loads((tmp_path / "source/cpu/digits/cnn2d_w32--cnn2d_w4/baseline/seed0.json").read_text())
+    assert record["metrics"]["test_top1"] == checkout["metrics"]["test_top1"]
+    assert record["predictions"] == checkout["predictions"] and record["config_sha256"] == checkout["config_sha256"]
 
     writes = kdbench("new-method", "my_kd")
     assert writes.returncode == 2 and "pass --dir" in writes.stderr and not list(site.rglob("my_kd.py"))
