@@ -15,7 +15,11 @@
   inference and graph optimisation), then ``quantize_static``: QDQ format, int8 weights per
   output channel and int8 activations (S8S8, ONNX Runtime's recommended first choice on CPU), MinMax calibration
   on ``calibration`` samples of the training split (a fixed draw, ``calibration_inputs``), transformed as for
-  evaluation. Quantized models run on the CPU execution provider.
+  evaluation. Quantized models run on the CPU execution provider. Where that provider's int8 kernels saturate
+  (x86 CPUs without VNNI multiply u8 × s8 pairs with VPMADDUBSW, whose 16-bit sums clip; ``int8_saturates``
+  measures it), weights are quantized to 7 bits (``reduce_range``), as ONNX Runtime's quantization guide advises
+  for those CPUs: clipped sums would report an accuracy the quantized model does not have. Records say which
+  (``env.int8_weight_bits``).
 
 A model that does not export, differs from eager, or does not quantize raises ``NotDeployable`` with one line
 saying why; callers record that line, never a silent gap.
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import io
 import logging
 import re
@@ -171,7 +176,8 @@ def quantize(model_bytes: bytes, calibration: torch.Tensor) -> bytes:
         try:
             quant_pre_process(fp32, prepared)
             quantize_static(prepared, int8, _Batches(calibration), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                            reduce_range=int8_saturates())
         except Exception as exc:
             raise NotDeployable(f"int8 quantization failed: {_first_line(exc)}") from None
         return int8.read_bytes()
@@ -182,9 +188,27 @@ def predict_session(sess: ort.InferenceSession, split) -> torch.Tensor:
     return torch.cat([run(sess, x).argmax(1) for x, _ in split.batches(split.eval_batch)])
 
 
+@functools.cache
+def int8_saturates() -> bool:
+    """Whether this machine's ONNX Runtime CPU kernels clip int8 products: a MatMulInteger of 64 products
+    255 × 127 comes out exact (2,072,640) with VNNI, on ARM and in the reference kernels, but pairwise clipped to
+    16 bits (1,048,544) where x86 kernels use VPMADDUBSW. Measured rather than read from CPU flags, so that it holds
+    for whatever kernels this runtime picks."""
+    a, b = np.full((1, 64), 255, np.uint8), np.full((64, 1), 127, np.int8)
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMulInteger", ["a", "b"], ["y"])], "int8_saturation",
+        [onnx.helper.make_tensor_value_info("a", onnx.TensorProto.UINT8, list(a.shape))],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.INT32, [1, 1])],
+        [onnx.numpy_helper.from_array(b, "b")])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)])
+    (y,) = session(model.SerializeToString(), threads=1).run(None, {"a": a})
+    return int(y[0, 0]) != int((a.astype(np.int64) @ b.astype(np.int64))[0, 0])
+
+
 def versions() -> dict:
-    """The runtime's and the exporter's versions, for records and the leaderboard's protocol."""
-    return {"onnxruntime": ort.__version__, "onnx": onnx.__version__}
+    """The runtime's and the exporter's versions and the int8 weights' width (7 bits where kernels would clip), for
+    records and the leaderboard's protocol."""
+    return {"onnxruntime": ort.__version__, "onnx": onnx.__version__, "int8_weight_bits": 7 if int8_saturates() else 8}
 
 
 class _Batches(CalibrationDataReader):

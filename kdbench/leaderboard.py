@@ -271,11 +271,22 @@ def _speed_mode_notes(finished: pd.DataFrame, order: list[str]) -> list[str]:
             f"{', '.join(names)}." for modes, names in named.items()]
 
 
+def machine_name(env: dict | None) -> str | None:
+    """A record's CPU, with the vector instructions torch used and 7-bit int8 weights where records say so
+    ("AMD EPYC (AVX2, 7-bit int8 weights)"); records made before kdbench recorded them give the CPU name only."""
+    env = env or {}
+    about = [env["cpu_capability"]] if env.get("cpu_capability") else []
+    about += ["7-bit int8 weights"] if env.get("int8_weight_bits") == 7 else []
+    if not env.get("cpu"):
+        return None
+    return f"{env['cpu']} ({', '.join(about)})" if about else env["cpu"]
+
+
 def _machine_notes(finished: pd.DataFrame, order: list[str]) -> list[str]:
     """A line per row with records made on another CPU than most of the table's, naming the seeds whose teacher
     (trained there from the same config and seed) tests differently: float kernels differ between CPUs, so such a
     row learns from a teacher that is the same in distribution, not bit for bit."""
-    cpus = finished["env"].map(lambda env: (env or {}).get("cpu"))
+    cpus = finished["env"].map(machine_name)
     usual = cpus.mode(dropna=False).iloc[0]  # records without a CPU name count as one machine
     usual_teacher = finished[cpus == usual].groupby("seed")["m_teacher_top1"].first()
     lines = []
@@ -406,8 +417,10 @@ def _speed_table(cost: dict) -> str:
     for name, (student, teacher) in cost["runtimes"].items():
         where = {"CPUExecutionProvider": " on the CPU", "CUDAExecutionProvider": " on the GPU"}.get(
             student.get("provider"), "") if env.get("gpu") else ""
-        rows.append(_speed_row(f"ONNX Runtime {env.get('onnxruntime', '?')} {RUNTIME_LABELS[name]}{where}", student,
-                               teacher))
+        label = RUNTIME_LABELS[name]
+        if name == "onnxruntime_int8" and env.get("int8_weight_bits") == 7:
+            label = label.replace(")", ", 7-bit weights)")
+        rows.append(_speed_row(f"ONNX Runtime {env.get('onnxruntime', '?')} {label}{where}", student, teacher))
     diffs = [e.get("max_abs_diff") for e in cost["runtimes"].get("onnxruntime", ()) if "max_abs_diff" in e]
     table = tabulate(pd.DataFrame(rows), headers="keys", tablefmt="github", showindex=False, disable_numparse=True)
     return (f" Batch-1 latency (median) and throughput at batch {batch}, timed side by side on {env['cpu']}"

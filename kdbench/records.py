@@ -56,6 +56,8 @@ class Env(pydantic.BaseModel):
     kdbench: str | None = None  # the installed release (older records lack it)
     onnxruntime: str | None = None  # runs with deployment on: the runtime and exporter that ran the int8 student
     onnx: str | None = None
+    int8_weight_bits: int | None = None  # 7 where the CPU's int8 kernels would clip (kdbench.deploy.int8_saturates)
+    cpu_capability: str | None = None  # the vector instructions torch's CPU kernels use (AVX2, AVX512, ...)
 
 
 class Record(pydantic.BaseModel):
@@ -107,6 +109,7 @@ def environment(threads: int, device: str = "cpu") -> dict:
         "torch": torch.__version__,
         "platform": platform.platform(),
         "cpu": _cpu_name(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "gpu": torch.cuda.get_device_name(torch.device(device)) if on_gpu else None,
         "threads": threads,
         "kdbench": _release(),

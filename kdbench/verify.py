@@ -57,10 +57,11 @@ def compare_records(committed: dict, fresh: dict) -> dict[str, tuple]:
 
 
 def other_machine(committed: dict, fresh: dict) -> str | None:
-    """How the re-run's machine differs from the record's (CPU or GPU model, torch), when both say: float kernels
-    differ between CPU models and releases, so runs are bit-exact on the same ones only. None when they agree."""
+    """How the re-run's machine differs from the record's (CPU or GPU model, the CPU's vector instructions, torch),
+    when both say: float kernels differ between CPU models, instruction sets and releases, so runs are bit-exact on
+    the same ones only. None when they agree."""
     was, now = committed.get("env") or {}, fresh.get("env") or {}
-    moved = [f"{key} {was[key]} → {now[key]}" for key in ("cpu", "gpu", "torch")
+    moved = [f"{key} {was[key]} → {now[key]}" for key in ("cpu", "cpu_capability", "gpu", "torch")
              if was.get(key) and now.get(key) and was[key] != now[key]]
     return f"re-run on another machine ({', '.join(moved)}): bit-exact only on the record's" if moved else None
 

@@ -155,6 +155,11 @@ def test_verify_reports_match_and_mismatch(finished_run, tmp_path, capsys):
     assert main(["verify", str(tampered)]) == 1
     assert f"1 metric(s) differ; re-run on another machine (cpu Another CPU → {environment(1)['cpu']}): bit-exact only on " \
         "the record's" in capsys.readouterr().out
+    raw["env"] |= {"cpu": environment(1)["cpu"], "cpu_capability": "Other ISA"}  # same CPU name, other instructions
+    tampered.write_text(json.dumps(raw))
+    assert main(["verify", str(tampered)]) == 1
+    assert (f"re-run on another machine (cpu_capability Other ISA → {environment(1)['cpu_capability']}): bit-exact "
+            "only on the record's") in capsys.readouterr().out
 
 
 def test_verify_says_when_the_cached_teacher_is_not_the_records(finished_run, session_home, tmp_path, monkeypatch,

@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from kdbench.cli import main
-from kdbench.leaderboard import render
+from kdbench.leaderboard import machine_name, render
 from kdbench.method import METHODS
 from kdbench.predictions import outcomes
 from kdbench.records import load_records
@@ -94,10 +94,19 @@ def test_rows_made_on_another_cpu_are_named_with_their_teachers(finished_run, tm
                 raw["metrics"]["teacher_top1"] += 0.5
             path.write_text(json.dumps(raw))
     usual = next(r for _, r in load_records(root / "results") if r.method == "baseline" and r.seed == 1)
+    here = machine_name(usual.env.model_dump())
+    assert here == f"{usual.env.cpu} ({usual.env.cpu_capability})" and usual.env.cpu_capability
     assert machine_notes() == [
-        f"- `vanilla_kd`: 2 of its 2 records were made on Another CPU, the table's other rows on {usual.env.cpu}; its "
-        f"teacher there tests differently on 1 of its seeds (seed 1: {usual.metrics.teacher_top1 + 0.5:.2f} against "
-        f"{usual.metrics.teacher_top1:.2f})."]
+        f"- `vanilla_kd`: 2 of its 2 records were made on Another CPU ({usual.env.cpu_capability}), the table's other "
+        f"rows on {here}; its teacher there tests differently on 1 of its seeds (seed 1: "
+        f"{usual.metrics.teacher_top1 + 0.5:.2f} against {usual.metrics.teacher_top1:.2f})."]
+    for path, record in load_records(root / "results"):  # the same CPU name, other vector instructions and int8
+        if record.method == "vanilla_kd":
+            raw = json.loads(path.read_text())
+            raw["env"] |= {"cpu": usual.env.cpu, "cpu_capability": "Other ISA", "int8_weight_bits": 7}
+            path.write_text(json.dumps(raw))
+    assert machine_notes()[0].startswith(f"- `vanilla_kd`: 2 of its 2 records were made on {usual.env.cpu} (Other ISA, "
+                                         f"7-bit int8 weights), the table's other rows on {here}; ")
 
 
 def test_check_refuses_a_row_missing_a_declared_seed(finished_run, tmp_path, capsys):
