@@ -372,7 +372,7 @@ def cmd_methods_page(args) -> int:
 
 def cmd_verify(args) -> int:
     from kdbench.records import environment, load_record
-    from kdbench.verify import format_pair, other_machine, teacher_note, verify
+    from kdbench.verify import format_pair, other_machine, teacher_note, unnamed_instructions, verify
 
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if args.verbose else None
     record = load_record(Path(args.record))
@@ -383,8 +383,9 @@ def cmd_verify(args) -> int:
     print(tabulate(table, headers=["metric", "recorded", "re-run", ""], tablefmt="simple", disable_numparse=True))
     mismatches = sum(not ok for *_, ok in rows)
     # on another machine a re-trained teacher differs too: the machine is the explanation, not the cache
-    machine = other_machine(record.model_dump(), {"env": environment(record.env.threads, place.device)})
-    notes = [machine or teacher_note(record, rows)] if mismatches else []
+    here = {"env": environment(record.env.threads, place.device)}
+    machine = other_machine(record.model_dump(), here)
+    notes = [machine or teacher_note(record, rows), unnamed_instructions(record.model_dump(), here)] if mismatches else []
     print("verified: every deterministic metric matches" if not mismatches
           else "; ".join([f"{mismatches} metric(s) differ", *filter(None, notes)]))
     return 0 if not mismatches else 1

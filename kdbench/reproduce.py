@@ -20,7 +20,7 @@ from kdbench.errors import KdbenchError
 from kdbench.executor import execute
 from kdbench.records import load_record, record_path
 from kdbench.runner import Placement
-from kdbench.verify import EXACT, PREDICTIONS, compare_records, format_value, other_machine
+from kdbench.verify import EXACT, PREDICTIONS, compare_records, format_value, other_machine, unnamed_instructions
 
 HOME_ENV = ("KDBENCH_HOME", "MLFLOW_TRACKING_URI")
 
@@ -147,7 +147,7 @@ def row_verdict(outcomes: list[Outcome]) -> str:
         parts.append(text)
     if len(compared) < n:
         parts.append(f"no committed record for {n - len(compared)} of {n}")
-    notes = [other_machine(o.committed, o.fresh) for o in compared if o.differences]
+    notes = [note(o.committed, o.fresh) for o in compared if o.differences for note in (other_machine, unnamed_instructions)]
     parts += list(dict.fromkeys(note for note in notes if note))
     return f"{exact}/{n} bit-exact" + ("" if not parts else ": " + "; ".join(parts))
 

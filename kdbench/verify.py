@@ -66,6 +66,17 @@ def other_machine(committed: dict, fresh: dict) -> str | None:
     return f"re-run on another machine ({', '.join(moved)}): bit-exact only on the record's" if moved else None
 
 
+def unnamed_instructions(committed: dict, fresh: dict) -> str | None:
+    """For a record made before records named the CPU's vector instructions (``env.cpu_capability``), re-run on a
+    CPU of the same name: it may have other instructions (AVX2 or AVX-512 EPYCs share one name), so other float
+    kernels. None when the record names them."""
+    was, now = committed.get("env") or {}, fresh.get("env") or {}
+    if was.get("cpu_capability") or not now.get("cpu_capability"):
+        return None
+    return (f"the record does not name its CPU's vector instructions (this {now.get('cpu') or 'CPU'} has "
+            f"{now['cpu_capability']}): made with others, it re-runs bit-exactly only where they are the same")
+
+
 def teacher_note(record, rows: list[tuple[str, object, object, bool]]) -> str | None:
     """What a differing ``teacher_top1`` means for a record whose teacher was trained and cached: the re-run read a
     cached teacher other than the record's (trained by other code, or on another machine) and every metric after it

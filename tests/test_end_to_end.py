@@ -160,6 +160,12 @@ def test_verify_reports_match_and_mismatch(finished_run, tmp_path, capsys):
     assert main(["verify", str(tampered)]) == 1
     assert (f"re-run on another machine (cpu_capability Other ISA → {environment(1)['cpu_capability']}): bit-exact "
             "only on the record's") in capsys.readouterr().out
+    del raw["env"]["cpu_capability"]  # a record made before records named them
+    tampered.write_text(json.dumps(raw))
+    assert main(["verify", str(tampered)]) == 1
+    assert capsys.readouterr().out.rstrip().endswith(
+        f"1 metric(s) differ; the record does not name its CPU's vector instructions (this {environment(1)['cpu']} "
+        f"has {environment(1)['cpu_capability']}): made with others, it re-runs bit-exactly only where they are the same")
 
 
 def test_verify_says_when_the_cached_teacher_is_not_the_records(finished_run, session_home, tmp_path, monkeypatch,

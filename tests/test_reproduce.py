@@ -167,6 +167,13 @@ def test_row_verdict():
                                   "machine (cpu Xeon → EPYC): bit-exact only on the record's")
     assert row_verdict([Outcome(None, xeon, xeon, {"test_top1": (95.2, 95.1)})]) == \
         "0/1 bit-exact: test_top1 differs in 1 of 1 (max |Δ| 0.1)"  # same machine: no note
+    avx2 = {"env": {**xeon["env"], "cpu_capability": "AVX2"}}  # an older record does not name the instructions
+    assert row_verdict([Outcome(None, avx2, xeon, {"test_top1": (95.2, 95.1)})]) == (
+        "0/1 bit-exact: test_top1 differs in 1 of 1 (max |Δ| 0.1); the record does not name its CPU's vector "
+        "instructions (this Xeon has AVX2): made with others, it re-runs bit-exactly only where they are the same")
+    named = {**RECORD, "env": avx2["env"]}
+    assert row_verdict([Outcome(None, avx2, named, {"test_top1": (95.2, 95.1)})]) == \
+        "0/1 bit-exact: test_top1 differs in 1 of 1 (max |Δ| 0.1)"
 
 
 def test_numbers_are_printed_rounded():
