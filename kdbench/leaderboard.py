@@ -82,7 +82,8 @@ a tree with uncommitted changes, or when a row has fewer finished seeds than its
   student and teacher in each runtime, with the runtime's version. *int8 top-1*: every run's trained student
   quantized with ONNX Runtime's static post-training recipe (`quant_pre_process`, then `quantize_static`: QDQ,
   int8 weights per channel, int8 activations, MinMax calibration on the suite's `int8_calibration` training
-  samples, a fixed draw) and tested on one thread; *int8 − fp32*: its change from the same runs' fp32 accuracy,
+  samples, a fixed draw; 7-bit weights where the CPU's int8 kernels would clip 8-bit ones, x86 without VNNI,
+  as the record's `env.int8_weight_bits` says) and tested on one thread; *int8 − fp32*: its change from the same runs' fp32 accuracy,
   paired by seed and sample, with its 95 % interval from the same bootstrap. A model that does not export or
   quantize says why in its place.
 - *published*: the paper's number for the same pair and method, where the suite follows its protocol
