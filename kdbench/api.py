@@ -81,6 +81,7 @@ class DistillReport:
     teacher_onnx_latency_ms: float | None = None
     student_int8_latency_ms: float | None = None  # ONNX Runtime, after int8 static quantization
     student_int8_top1: float | None = None  # percent, on the report's split, after int8 quantization
+    int8_weight_bits: int | None = None  # 7 where this CPU's int8 kernels would clip 8-bit weights (kdbench.deploy)
     deployment_error: str | None = None  # why the student could not be exported or quantized
     files: dict[str, str] = dataclasses.field(default_factory=dict)  # ``export=``: "safetensors", "onnx" → path
 
@@ -94,6 +95,7 @@ class DistillReport:
                    student_onnx_latency_ms=latency("onnxruntime"), teacher_onnx_latency_ms=latency("teacher_onnxruntime"),
                    student_int8_latency_ms=latency("onnxruntime_int8"),
                    student_int8_top1=metrics.get("int8_test_top1"),
+                   int8_weight_bits=deploy.versions()["int8_weight_bits"] if "int8_test_top1" in metrics else None,
                    deployment_error=metrics.get("deployment_error") or next((e for e in errors if e), None),
                    **{field: metrics[key] for field, key in _REPORT_FIELDS.items()})
 
@@ -107,6 +109,8 @@ class DistillReport:
                 + (f" ({_times(self.teacher_onnx_latency_ms / self.student_onnx_latency_ms, 'lower', 'higher')} in "
                    "ONNX Runtime)" if self.student_onnx_latency_ms and self.teacher_onnx_latency_ms else "")
                 + (f"; {self.student_int8_top1:.1f} % top-1 after int8 quantization"
+                   + (" (7-bit weights: this CPU's int8 kernels would clip 8-bit ones)"
+                      if self.int8_weight_bits == 7 else "")
                    if self.student_int8_top1 is not None else ""))
 
 

@@ -203,6 +203,9 @@ def test_deployment_times_onnx_runtime_tests_int8_and_exports_the_student(teache
     assert report.student_onnx_latency_ms > 0 and report.teacher_onnx_latency_ms > 0
     assert report.student_int8_latency_ms > 0 and abs(report.student_int8_top1 - report.student_top1) <= 10
     assert "in ONNX Runtime" in report.summary() and "after int8 quantization" in report.summary()
+    assert report.int8_weight_bits == (7 if kdbench.deploy.int8_saturates() else 8)
+    assert ("7-bit weights: this CPU's int8 kernels would clip 8-bit ones" in report.summary()) == \
+        (report.int8_weight_bits == 7)
     assert set(report.files) == {"safetensors", "onnx"}
     reloaded = Net(8)
     load_model(reloaded, report.files["safetensors"])
