@@ -95,7 +95,7 @@ class DistillReport:
                    student_onnx_latency_ms=latency("onnxruntime"), teacher_onnx_latency_ms=latency("teacher_onnxruntime"),
                    student_int8_latency_ms=latency("onnxruntime_int8"),
                    student_int8_top1=metrics.get("int8_test_top1"),
-                   int8_weight_bits=deploy.versions()["int8_weight_bits"] if "int8_test_top1" in metrics else None,
+                   int8_weight_bits=deploy.int8_weight_bits() if "int8_test_top1" in metrics else None,
                    deployment_error=metrics.get("deployment_error") or next((e for e in errors if e), None),
                    **{field: metrics[key] for field, key in _REPORT_FIELDS.items()})
 

@@ -276,10 +276,10 @@ def machine_name(env: dict | None) -> str | None:
     """A record's CPU, with the vector instructions torch used and 7-bit int8 weights where records say so
     ("AMD EPYC (AVX2, 7-bit int8 weights)"); records made before kdbench recorded them give the CPU name only."""
     env = env or {}
-    about = [env["cpu_capability"]] if env.get("cpu_capability") else []
-    about += ["7-bit int8 weights"] if env.get("int8_weight_bits") == 7 else []
     if not env.get("cpu"):
         return None
+    about = [env["cpu_capability"]] if env.get("cpu_capability") else []
+    about += ["7-bit int8 weights"] if env.get("int8_weight_bits") == 7 else []
     return f"{env['cpu']} ({', '.join(about)})" if about else env["cpu"]
 
 

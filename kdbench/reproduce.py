@@ -147,7 +147,8 @@ def row_verdict(outcomes: list[Outcome]) -> str:
         parts.append(text)
     if len(compared) < n:
         parts.append(f"no committed record for {n - len(compared)} of {n}")
-    notes = [note(o.committed, o.fresh) for o in compared if o.differences for note in (other_machine, unnamed_instructions)]
+    notes = [note(o.committed, o.fresh) for o in compared if o.differences
+             for note in (other_machine, unnamed_instructions)]
     parts += list(dict.fromkeys(note for note in notes if note))
     return f"{exact}/{n} bit-exact" + ("" if not parts else ": " + "; ".join(parts))
 

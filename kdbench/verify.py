@@ -69,10 +69,10 @@ def other_machine(committed: dict, fresh: dict) -> str | None:
 def unnamed_instructions(committed: dict, fresh: dict) -> str | None:
     """For a record made before records named the CPU's vector instructions (``env.cpu_capability``), re-run on a
     CPU of the same name: it may have other instructions (AVX2 or AVX-512 EPYCs share one name), so other float
-    kernels. None when the record names them."""
+    kernels. None when the record names them or the CPU names differ."""
     was, now = committed.get("env") or {}, fresh.get("env") or {}
-    if was.get("cpu_capability") or not now.get("cpu_capability"):
-        return None
+    if was.get("cpu_capability") or not now.get("cpu_capability") or was.get("cpu") != now.get("cpu"):
+        return None  # named, unknown here, or another CPU (other_machine says so)
     return (f"the record does not name its CPU's vector instructions (this {now.get('cpu') or 'CPU'} has "
             f"{now['cpu_capability']}): made with others, it re-runs bit-exactly only where they are the same")
 
