@@ -8,14 +8,18 @@ AdamW, one thread as every run) trains SEEDS students, each on its own batch:
   ``torch.vmap`` (which turns each convolution into one grouped convolution), one fused AdamW over the stacked
   parameters (element-wise, so the same update as SEEDS separate optimizers), the teacher run per seed;
 - ``grouped_teacher_batched``: the same, with the teacher run once on the SEEDS batches concatenated;
+- ``grouped_layout``: the SEEDS students side by side on the channel axis without vmap (``GroupedLayout``);
+- ``grouped_layout_compiled``: the same, its forward and loss under ``torch.compile``;
 - ``compiled``: today's per-run path with each student's forward and loss under ``torch.compile``.
 
 Each round times one step of every student in each path, paths in alternating order; the report gives the median
 of the per-round ratios (per-run time over the path's time) with its 95 % interval. The check before timing: the
 grouped students' gradients of a first step equal the per-run students' to float32 rounding (not bit for bit: a
-grouped convolution sums in another order), and after a few more steps their weights are within a thousandth of the
+grouped convolution sums in another order), and after a few more steps their weights are within a twentieth of the
 learning rate of each other (AdamW divides by the root of the squared gradients, so a rounding-level difference in a
-gradient near its ε moves a weight by a visible fraction of one step).
+gradient near its ε moves a weight by a visible fraction of one step: at most a thousandth of the learning rate on
+AVX-512 CPUs, 1.4 % of it on an AVX2-only AMD EPYC, whose kernels round differently; a student given another seed's
+first convolution is 0.87 off, against the 0.0023 allowed).
 """
 
 from __future__ import annotations
@@ -128,9 +132,10 @@ class Grouped:
 class GroupedLayout:
     """The SEEDS students as one model without vmap: the seeds side by side on the channel axis, (B, SEEDS · C, L),
     each block one grouped convolution (groups = SEEDS) and one batch norm over all SEEDS · width channels, the
-    heads one batched matmul; one fused optimizer over the joined parameters (element-wise: the same update)."""
+    heads one batched matmul; one fused optimizer over the joined parameters (element-wise: the same update);
+    ``compiled``: the forward and loss under ``torch.compile``."""
 
-    def __init__(self, spec, teacher):
+    def __init__(self, spec, teacher, compiled: bool = False):
         self.c, self.teacher = spec.method_config, teacher
         models = students()
         self.blocks = nn.Sequential(*(self._joined([m.blocks[i] for m in models])
@@ -139,6 +144,7 @@ class GroupedLayout:
         self.head_bias = nn.Parameter(torch.stack([m.head.bias.detach() for m in models]).unsqueeze(1).clone())
         self.params = [*self.blocks.parameters(), self.head_weight, self.head_bias]
         self.optimizer = make_optimizer(self.params, spec.train)
+        self.loss = torch.compile(self._loss) if compiled else self._loss
 
     @staticmethod
     def _joined(blocks) -> nn.Sequential:
@@ -153,15 +159,18 @@ class GroupedLayout:
                 getattr(joined_bn, name).copy_(torch.cat([getattr(b[1], name) for b in blocks]))
         return nn.Sequential(joined_conv, joined_bn, nn.ReLU(inplace=True)).train()
 
-    def step(self, xs, ys):
-        with torch.no_grad():
-            z_t = torch.stack([self.teacher(x) for x in xs])
+    def _loss(self, xs, z_t, ys):
         batch = xs.shape[1]
         h = self.blocks(xs.transpose(0, 1).reshape(batch, -1, IN_SHAPE[1]))  # (B, SEEDS · C_in, L)
         h = h.view(batch, SEEDS, -1).transpose(0, 1)  # (SEEDS, B, width · L'): each seed's flattened last block
         z = torch.baddbmm(self.head_bias, h, self.head_weight)
         # the seeds' losses summed: SEEDS × the loss of all their samples together (equal batch sizes)
-        loss = SEEDS * kd_loss(z.flatten(0, 1), z_t.flatten(0, 1), ys.flatten(), self.c)
+        return SEEDS * kd_loss(z.flatten(0, 1), z_t.flatten(0, 1), ys.flatten(), self.c)
+
+    def step(self, xs, ys):
+        with torch.no_grad():
+            z_t = torch.stack([self.teacher(x) for x in xs])
+        loss = self.loss(xs, z_t, ys)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -187,12 +196,12 @@ class GroupedLayout:
         return self._per_seed([p.grad for p in self.params])
 
 
-@pytest.mark.parametrize("grouped_path", ["grouped", "grouped_layout"])
+@pytest.mark.parametrize("grouped_path", ["grouped", "grouped_layout", "grouped_layout_compiled"])
 def test_grouped_students_train_the_same_weights(setting, grouped_path):
     spec, teacher, xs, ys = setting
     paths = {"per_run": PerRun(spec, teacher),
              "grouped": Grouped(spec, teacher, batched_teacher=False) if grouped_path == "grouped"
-             else GroupedLayout(spec, teacher)}
+             else GroupedLayout(spec, teacher, compiled=grouped_path == "grouped_layout_compiled")}
     for step in range(CHECK_STEPS):
         for path in paths.values():
             path.step(xs, ys)
@@ -202,7 +211,7 @@ def test_grouped_students_train_the_same_weights(setting, grouped_path):
                     torch.testing.assert_close(grouped[name], value, rtol=1e-4, atol=1e-6)
     for per_run, grouped in zip(paths["per_run"].weights(), paths["grouped"].weights()):
         for name, value in per_run.items():
-            torch.testing.assert_close(grouped[name], value, rtol=0, atol=1e-3 * spec.train.lr)
+            torch.testing.assert_close(grouped[name], value, rtol=0, atol=0.05 * spec.train.lr)
 
 
 def test_grouped_step(benchmark, setting):
@@ -210,6 +219,7 @@ def test_grouped_step(benchmark, setting):
     paths = {"per_run": PerRun(spec, teacher), "grouped": Grouped(spec, teacher, batched_teacher=False),
              "grouped_teacher_batched": Grouped(spec, teacher, batched_teacher=True),
              "grouped_layout": GroupedLayout(spec, teacher),
+             "grouped_layout_compiled": GroupedLayout(spec, teacher, compiled=True),
              "compiled": PerRun(spec, teacher, compiled=True)}
     for path in paths.values():
         for _ in range(WARMUP_STEPS):  # includes torch.compile's compilation
