@@ -19,7 +19,7 @@ from tabulate import tabulate
 from torch import nn
 
 from kdbench import deploy
-from kdbench.metrics import int8_accuracy
+from kdbench.metrics import int8_accuracy, predict, top1
 from kdbench.models import create_model
 from kdbench.tracks import load_track
 
@@ -48,7 +48,7 @@ def main() -> None:
     for track, architecture, epochs in STUDENTS:
         model, data = trained(track, architecture, epochs)
         with torch.no_grad():
-            fp32 = 100 * (model(data.test.sample(len(data.test))).argmax(1) == data.test.y).double().mean().item()
+            fp32 = top1(predict(model, data.test), data.test.y)
         int8 = {}
         for bits in (8, 7):
             with mock.patch.object(deploy, "int8_saturates", lambda bits=bits: bits == 7):
